@@ -1,0 +1,35 @@
+# The two commands the README promises: `make demo` and `make test`. Everything runs from .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := models/tiny
+
+.PHONY: venv models demo test bench clean
+
+# Re-install only when the pins change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -r requirements-dev.txt
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(MODELS)/.built: $(VENV)/.installed builder/tiny_models.py
+	HF_HUB_OFFLINE=1 $(PY) builder/tiny_models.py $(MODELS)
+	touch $@
+
+models: $(MODELS)/.built
+
+# Text-to-image on test_input.json with the tiny random-weight pipeline, in runpod's local test mode.
+demo: $(MODELS)/.built
+	HF_HUB_OFFLINE=1 QWEN_IMAGE_MODEL=$(MODELS)/qwen-image QWEN_IMAGE_EDIT_MODEL=$(MODELS)/qwen-image-edit \
+		DEFAULT_STEPS=2 LOCAL_OUTPUT_DIR=outputs $(PY) handler.py
+	@echo "demo image(s) in outputs/:"; ls -1t outputs | head -n 3
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) models outputs .pytest_cache

@@ -1,0 +1,224 @@
+"""Every environment variable the worker reads, parsed once into typed settings.
+
+Nothing else in the package reads ``os.environ``: other modules receive a ``Settings``. Each variable, its default
+and its meaning is listed in the README's "Environment variables" table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigError
+
+DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
+# The words that switch a pipeline off, e.g. QWEN_IMAGE_MODEL=none on an edit-only endpoint.
+_DISABLED = frozenset({"", "none", "off", "false", "0"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+# SigV4 presigned URLs cannot live longer than 7 days; Runpod's endpoints promise exactly that.
+MAX_PRESIGN_TTL_SECONDS = 604_800
+
+
+class Secret(str):
+    """A string that never shows itself in ``repr`` (so a logged Settings cannot leak a key)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Where results are uploaded when an S3-compatible bucket is configured."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: Secret
+    bucket: str
+    region: str
+    addressing_style: str  # "path" | "virtual" | "auto"
+    prefix: str
+    url_ttl_seconds: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's configuration. Build it with ``Settings.from_env()``; tests pass their own mapping."""
+
+    # Models: a local folder or an HF repo id resolved offline; None = task not served.
+    t2i_model: str | None = DEFAULT_T2I_MODEL
+    edit_model: str | None = None
+    volume_path: Path = Path("/runpod-volume")
+    hf_hub_cache: Path | None = None
+    require_cuda: bool = False
+
+    # Generation defaults (the model card's: 50 steps, true CFG 4.0).
+    default_steps: int = 50
+    default_true_cfg_scale: float = 4.0
+
+    # Pricing.
+    price_per_megapixel: float = 0.02
+
+    # Input images.
+    max_image_bytes: int = 20 * 1000 * 1000
+    max_image_pixels: int = 40_000_000
+    image_fetch_timeout_seconds: float = 30.0
+
+    # Output.
+    local_output_dir: Path | None = None
+    max_inline_bytes: int = 15 * 1000 * 1000
+    bucket: BucketSettings | None = None
+    upload_fallback_inline: bool = False
+
+    # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
+    runpod_log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        settings = cls(
+            t2i_model=reader.model("QWEN_IMAGE_MODEL", DEFAULT_T2I_MODEL),
+            edit_model=reader.model("QWEN_IMAGE_EDIT_MODEL", None),
+            volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", "/runpod-volume")),
+            hf_hub_cache=_hf_hub_cache(env),
+            require_cuda=reader.boolean("REQUIRE_CUDA", False),
+            default_steps=reader.integer("DEFAULT_STEPS", 50, low=1, high=100),
+            default_true_cfg_scale=reader.number("DEFAULT_TRUE_CFG_SCALE", 4.0, low=1.0, high=20.0),
+            price_per_megapixel=reader.number("PRICE_PER_MEGAPIXEL", 0.02, low=0.0, high=1e6),
+            max_image_bytes=reader.integer("MAX_IMAGE_BYTES", 20 * 1000 * 1000, low=1, high=1 << 34),
+            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 40_000_000, low=1, high=1 << 34),
+            image_fetch_timeout_seconds=reader.number("IMAGE_FETCH_TIMEOUT_SECONDS", 30.0, low=0.1, high=600.0),
+            local_output_dir=reader.path("LOCAL_OUTPUT_DIR"),
+            max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 15 * 1000 * 1000, low=1, high=1 << 34),
+            bucket=_bucket_settings(reader),
+            upload_fallback_inline=reader.choice("UPLOAD_FALLBACK", "off", ("off", "inline")) == "inline",
+            runpod_log_level=reader.choice(
+                "RUNPOD_LOG_LEVEL", "INFO", ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"), upper=True
+            ),
+        )
+        if settings.t2i_model is None and settings.edit_model is None:
+            raise ConfigError(
+                "Neither QWEN_IMAGE_MODEL nor QWEN_IMAGE_EDIT_MODEL is set to a model: the worker would serve nothing"
+            )
+        return settings
+
+
+def _hf_hub_cache(env: Mapping[str, str]) -> Path | None:
+    """The baked Hugging Face cache, following huggingface_hub's own variables (HF_HUB_CACHE, then HF_HOME)."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]) / "hub"
+    return None
+
+
+def _bucket_settings(reader: "_EnvReader") -> BucketSettings | None:
+    names = {
+        "BUCKET_ENDPOINT_URL": reader.text("BUCKET_ENDPOINT_URL", ""),
+        "BUCKET_ACCESS_KEY_ID": reader.text("BUCKET_ACCESS_KEY_ID", ""),
+        "BUCKET_SECRET_ACCESS_KEY": reader.text("BUCKET_SECRET_ACCESS_KEY", ""),
+        "BUCKET_NAME": reader.text("BUCKET_NAME", ""),
+    }
+    present = [name for name, value in names.items() if value]
+    if not present:
+        return None
+    missing = [name for name, value in names.items() if not value]
+    if missing:
+        raise ConfigError(
+            "Incomplete bucket configuration: "
+            + ", ".join(present)
+            + " set but "
+            + ", ".join(missing)
+            + " missing. Set all four to upload results, or none to return them inline."
+        )
+    return BucketSettings(
+        endpoint_url=names["BUCKET_ENDPOINT_URL"],
+        access_key_id=names["BUCKET_ACCESS_KEY_ID"],
+        secret_access_key=Secret(names["BUCKET_SECRET_ACCESS_KEY"]),
+        bucket=names["BUCKET_NAME"],
+        region=reader.text("BUCKET_REGION", "") or _region_from_endpoint(names["BUCKET_ENDPOINT_URL"]),
+        addressing_style=reader.choice("BUCKET_ADDRESSING_STYLE", "path", ("path", "virtual", "auto")),
+        prefix=reader.text("BUCKET_PREFIX", "").strip("/"),
+        url_ttl_seconds=reader.integer(
+            "IMAGE_URL_TTL_SECONDS", MAX_PRESIGN_TTL_SECONDS, low=1, high=MAX_PRESIGN_TTL_SECONDS
+        ),
+    )
+
+
+def _region_from_endpoint(endpoint_url: str) -> str:
+    """AWS-style endpoints name their region (s3.eu-west-2.amazonaws.com, s3.us-west-004.backblazeb2.com)."""
+    host = endpoint_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    parts = host.split(".")
+    if host.endswith(".r2.cloudflarestorage.com"):
+        return "auto"
+    for index, part in enumerate(parts[:-1]):
+        if part == "s3" or part.startswith("s3-"):
+            candidate = parts[index + 1] if part == "s3" else part[3:]
+            if candidate and candidate[0].isalpha() and "-" in candidate:
+                return candidate
+    return "us-east-1"
+
+
+class _EnvReader:
+    """Reads one variable at a time, turning a bad value into a ConfigError that names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str) -> str:
+        return self._env.get(name, default).strip()
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name, "")
+        return Path(value) if value else None
+
+    def model(self, name: str, default: str | None) -> str | None:
+        if name not in self._env:
+            return default
+        value = self._env[name].strip()
+        return None if value.lower() in _DISABLED else value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.text(name, "").lower()
+        if name not in self._env:
+            return default
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.text(name, "")
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self.text(name, "")
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:  # also rejects NaN
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False) -> str:
+        raw = self.text(name, "") or default
+        value = raw.upper() if upper else raw.lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+        return value

@@ -1,0 +1,60 @@
+"""The worker's exceptions, and the one message each shows the caller.
+
+Every failure a job can meet is a ``WorkerError``; the worker turns it into ``{"error": str(err)}`` so Runpod
+marks the job FAILED with a readable sentence. Anything else escaping a job is a bug: it is logged with its
+traceback and answered with a generic "internal error" message (never the traceback itself).
+
+    WorkerError                      a job failed; ``str(err)`` is what the caller reads
+    ├── ValidationError              the request broke a rule: names the field and the rule
+    ├── InputImageError              an input image could not be used ("Invalid image URL: <reason>")
+    ├── TaskNotServedError           the endpoint has no pipeline for this task (e.g. no edit model configured)
+    ├── GenerationError              the pipeline failed while generating
+    ├── ResultTooLargeError          an inline result would exceed the cap Runpod accepts
+    └── StorageError                 the result could not be stored (bucket down, access denied, …)
+
+    ConfigError                      the worker cannot start: bad or missing environment / model files
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """A job failed for a reason the caller should read."""
+
+
+class ValidationError(WorkerError):
+    """The request broke a rule. Reads as Runpod's own errors do: "Invalid parameter: size format must be width*height"."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"Invalid parameter: {field} {rule}")
+
+
+class InputImageError(WorkerError):
+    """An input image URL or data URI could not be turned into an image."""
+
+    def __init__(self, reason: str, field: str = "image") -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"Invalid image URL ({field}): {reason}")
+
+
+class TaskNotServedError(WorkerError):
+    """The request asks for a task this endpoint was not configured to serve."""
+
+
+class GenerationError(WorkerError):
+    """The diffusion pipeline failed while generating."""
+
+
+class ResultTooLargeError(WorkerError):
+    """An inline (data URI) result would be larger than Runpod accepts as job output."""
+
+
+class StorageError(WorkerError):
+    """The generated image could not be stored. Never carries credentials."""
+
+
+class ConfigError(Exception):
+    """The worker cannot start: the environment or the model files are wrong. Raised at start-up only."""

@@ -1,0 +1,111 @@
+"""Finding a model's folder on local disk, offline, before anything is loaded.
+
+A model is named either by a local folder or by a Hugging Face repo id (``Qwen/Qwen-Image``). A repo id is looked
+up, in this order, in:
+
+1. Runpod's cached-model store: ``<volume>/huggingface-cache/hub/models--<org>--<name>/snapshots/<rev>/``
+   (Runpod fills it when the endpoint's "Model" setting names the repo);
+2. a Hugging Face cache on the network volume: ``<volume>/.cache/huggingface/hub`` (what ``HF_HOME=<volume>/.cache/huggingface``
+   or ``builder/fetch_models.py --cache-dir`` produce);
+3. the cache baked into the image: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``.
+
+In a cache the revision is the one ``refs/main`` points at, else the only snapshot present. Nothing here touches the
+network; a model found nowhere is a ``ConfigError`` that names the repo id, every place looked and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUNPOD_CACHE_SUBDIR = Path("huggingface-cache/hub")
+VOLUME_HF_CACHE_SUBDIR = Path(".cache/huggingface/hub")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder ready for ``from_pretrained``, and where it came from."""
+
+    model_id: str  # what the operator asked for: a repo id or a folder
+    path: Path
+    revision: str | None  # the snapshot hash when found in a cache
+    source: str  # "local folder", "runpod model cache", "network volume cache", "image cache"
+    pipeline_class: str  # model_index.json's _class_name
+
+
+def resolve_model(spec: str, *, volume_path: Path, baked_cache: Path | None) -> ResolvedModel:
+    """Find ``spec`` (a folder or a repo id) on local disk, or raise ConfigError saying where we looked."""
+    looked: list[str] = []
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _resolved(spec, folder, None, "local folder")
+    looked.append(f"local folder {folder} (does not exist)")
+
+    if not _looks_like_repo_id(spec):
+        raise ConfigError(
+            f"Model {spec!r} is neither an existing folder nor a Hugging Face repo id (org/name). Looked in: "
+            + "; ".join(looked)
+        )
+
+    caches = [
+        (volume_path / RUNPOD_CACHE_SUBDIR, "runpod model cache"),
+        (volume_path / VOLUME_HF_CACHE_SUBDIR, "network volume cache"),
+        (baked_cache or Path.home() / ".cache/huggingface/hub", "image cache"),
+    ]
+    for cache, source in caches:
+        repo_dir = cache / ("models--" + spec.replace("/", "--"))
+        snapshot, why_not = _snapshot_in(repo_dir)
+        if snapshot is not None:
+            return _resolved(spec, snapshot, snapshot.name, source)
+        looked.append(f"{source} {repo_dir} ({why_not})")
+
+    raise ConfigError(
+        f"Model {spec} was not found on this machine (the worker never downloads at run time). Looked in: "
+        + "; ".join(looked)
+        + f". Fix: bake it into the image (builder/fetch_models.py), enable Runpod's cached model '{spec}' on the "
+        "endpoint, put it on the network volume, or point the variable at a local folder."
+    )
+
+
+def _resolved(spec: str, path: Path, revision: str | None, source: str) -> ResolvedModel:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"Model {spec!r} at {path} has no model_index.json: it is not a diffusers pipeline folder")
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"Model {spec!r}: {index} is not a valid model_index.json ({err})") from None
+    resolved = ResolvedModel(spec, path, revision, source, class_name)
+    log.info("model %s: %s from %s at %s (revision %s)", spec, class_name, source, path, revision or "n/a")
+    return resolved
+
+
+def _snapshot_in(repo_dir: Path) -> tuple[Path | None, str]:
+    """The snapshot folder a cache would serve for the main branch, or None and the reason."""
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None, "not present"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        revision = ref.read_text().strip()
+        candidate = snapshots / revision
+        if candidate.is_dir():
+            return candidate, ""
+        return None, f"refs/main names {revision} but that snapshot is missing"
+    present = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(present) == 1:
+        return present[0], ""
+    if not present:
+        return None, "no snapshot"
+    return None, f"{len(present)} snapshots and no refs/main to choose between them"
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))

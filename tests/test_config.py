@@ -1,0 +1,85 @@
+"""Environment parsing: defaults, bad values named, partial bucket configs refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen_worker.config import MAX_PRESIGN_TTL_SECONDS, Settings
+from qwen_worker.errors import ConfigError
+
+BUCKET = {
+    "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9",
+    "BUCKET_ACCESS_KEY_ID": "test:tester",
+    "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value",
+    "BUCKET_NAME": "images",
+}
+
+
+def test_defaults():
+    settings = Settings.from_env({})
+    assert settings.t2i_model == "Qwen/Qwen-Image"
+    assert settings.edit_model is None
+    assert (settings.default_steps, settings.default_true_cfg_scale) == (50, 4.0)
+    assert settings.price_per_megapixel == 0.02
+    assert settings.max_inline_bytes == 15_000_000
+    assert settings.bucket is None and settings.local_output_dir is None
+    assert settings.runpod_log_level == "INFO"
+    assert settings.volume_path == Path("/runpod-volume")
+
+
+def test_model_can_be_switched_off_but_not_both():
+    settings = Settings.from_env({"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": "Qwen/Qwen-Image-Edit"})
+    assert settings.t2i_model is None and settings.edit_model == "Qwen/Qwen-Image-Edit"
+    with pytest.raises(ConfigError, match="serve nothing"):
+        Settings.from_env({"QWEN_IMAGE_MODEL": "none"})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("DEFAULT_STEPS", "abc"), ("DEFAULT_STEPS", "0"), ("DEFAULT_TRUE_CFG_SCALE", "nan"), ("REQUIRE_CUDA", "maybe"),
+     ("IMAGE_URL_TTL_SECONDS", str(MAX_PRESIGN_TTL_SECONDS + 1)), ("RUNPOD_LOG_LEVEL", "LOUD")],
+)
+def test_bad_values_name_the_variable(name, value):
+    env = dict(BUCKET) if name == "IMAGE_URL_TTL_SECONDS" else {}
+    env[name] = value
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env(env)
+
+
+def test_partial_bucket_configuration_names_what_is_missing():
+    env = dict(BUCKET)
+    del env["BUCKET_NAME"]
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert "BUCKET_NAME" in str(caught.value) and "missing" in str(caught.value)
+    assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_full_bucket_configuration_and_secret_hidden_from_repr():
+    settings = Settings.from_env({**BUCKET, "BUCKET_PREFIX": "/qwen/"})
+    assert settings.bucket is not None
+    assert settings.bucket.url_ttl_seconds == MAX_PRESIGN_TTL_SECONDS
+    assert settings.bucket.prefix == "qwen"
+    assert settings.bucket.addressing_style == "path"
+    assert "s3cr3t-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "endpoint, region",
+    [
+        ("https://s3.eu-west-2.amazonaws.com", "eu-west-2"),
+        ("https://s3.us-west-004.backblazeb2.com", "us-west-004"),
+        ("https://abc123.r2.cloudflarestorage.com", "auto"),
+        ("http://127.0.0.1:8080", "us-east-1"),
+    ],
+)
+def test_region_derived_from_endpoint(endpoint, region):
+    settings = Settings.from_env({**BUCKET, "BUCKET_ENDPOINT_URL": endpoint})
+    assert settings.bucket.region == region
+
+
+def test_baked_cache_follows_huggingface_variables():
+    assert Settings.from_env({"HF_HOME": "/models/hf"}).hf_hub_cache == Path("/models/hf/hub")
+    assert Settings.from_env({"HF_HOME": "/x", "HF_HUB_CACHE": "/y"}).hf_hub_cache == Path("/y")

@@ -1,0 +1,89 @@
+"""Offline model resolution: local folder, Runpod's cache, a volume HF cache, the baked cache, in that order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen_worker.errors import ConfigError
+from qwen_worker.models import resolve_model
+
+REPO = "Qwen/Qwen-Image"
+
+
+def pipeline_folder(path: Path, class_name: str = "QwenImagePipeline") -> Path:
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return path
+
+
+def cache_entry(cache: Path, revision: str, *, with_ref: bool = True) -> Path:
+    repo = cache / "models--Qwen--Qwen-Image"
+    snapshot = pipeline_folder(repo / "snapshots" / revision)
+    if with_ref:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(revision + "\n")
+    return snapshot
+
+
+def test_local_folder_wins(tmp_path):
+    folder = pipeline_folder(tmp_path / "mine", "QwenImageEditPlusPipeline")
+    resolved = resolve_model(str(folder), volume_path=tmp_path / "vol", baked_cache=tmp_path / "baked")
+    assert resolved.path == folder and resolved.source == "local folder"
+    assert resolved.pipeline_class == "QwenImageEditPlusPipeline"
+
+
+def test_runpod_cache_before_volume_and_baked(tmp_path):
+    volume = tmp_path / "vol"
+    runpod = cache_entry(volume / "huggingface-cache/hub", "aaa")
+    cache_entry(volume / ".cache/huggingface/hub", "bbb")
+    cache_entry(tmp_path / "baked", "ccc")
+    resolved = resolve_model(REPO, volume_path=volume, baked_cache=tmp_path / "baked")
+    assert (resolved.path, resolved.revision, resolved.source) == (runpod, "aaa", "runpod model cache")
+
+
+def test_volume_cache_before_baked(tmp_path):
+    volume = tmp_path / "vol"
+    snapshot = cache_entry(volume / ".cache/huggingface/hub", "bbb")
+    cache_entry(tmp_path / "baked", "ccc")
+    resolved = resolve_model(REPO, volume_path=volume, baked_cache=tmp_path / "baked")
+    assert (resolved.path, resolved.source) == (snapshot, "network volume cache")
+
+
+def test_baked_cache_last_and_single_snapshot_without_ref(tmp_path):
+    snapshot = cache_entry(tmp_path / "baked", "ccc", with_ref=False)
+    resolved = resolve_model(REPO, volume_path=tmp_path / "vol", baked_cache=tmp_path / "baked")
+    assert (resolved.path, resolved.revision, resolved.source) == (snapshot, "ccc", "image cache")
+
+
+def test_refs_main_chooses_among_snapshots(tmp_path):
+    cache = tmp_path / "baked"
+    cache_entry(cache, "old", with_ref=False)
+    newest = cache_entry(cache, "new")
+    assert resolve_model(REPO, volume_path=tmp_path / "vol", baked_cache=cache).path == newest
+
+
+def test_ambiguous_snapshots_without_ref_are_not_guessed(tmp_path):
+    cache = tmp_path / "baked"
+    cache_entry(cache, "one", with_ref=False)
+    cache_entry(cache, "two", with_ref=False)
+    with pytest.raises(ConfigError, match="2 snapshots and no refs/main"):
+        resolve_model(REPO, volume_path=tmp_path / "vol", baked_cache=cache)
+
+
+def test_missing_model_names_repo_every_place_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        resolve_model(REPO, volume_path=tmp_path / "vol", baked_cache=tmp_path / "baked")
+    message = str(caught.value)
+    assert REPO in message
+    for place in ("local folder", "runpod model cache", "network volume cache", "image cache"):
+        assert place in message
+    assert "fetch_models.py" in message
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model_index.json"):
+        resolve_model(str(tmp_path / "empty"), volume_path=tmp_path, baked_cache=None)
