@@ -82,7 +82,7 @@ def load_pipeline(model: ResolvedModel, device: torch.device) -> LoadedPipeline:
         )
     task, multi_image = SUPPORTED_PIPELINES[model.pipeline_class]
     pipeline_class = getattr(diffusers, model.pipeline_class)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype_for(device), "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype_for(device), "local_files_only": True}
     if task is Task.EDIT:
         from .processor import load_processor
 
