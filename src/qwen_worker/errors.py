@@ -7,6 +7,8 @@ traceback and answered with a generic "internal error" message (never the traceb
     WorkerError                      a job failed; ``str(err)`` is what the caller reads
     ├── ValidationError              the request broke a rule: names the field and the rule
     ├── InputImageError              an input image could not be used ("Invalid image URL: <reason>")
+    ├── LoraError                    a requested LoRA could not be fetched or applied
+    ├── ContentFlaggedError          the safety checker flagged the input or every generated image
     ├── TaskNotServedError           the endpoint has no pipeline for this task (e.g. no edit model configured)
     ├── GenerationError              the pipeline failed while generating
     ├── ResultTooLargeError          an inline result would exceed the cap Runpod accepts
@@ -38,6 +40,19 @@ class InputImageError(WorkerError):
         self.field = field
         self.reason = reason
         super().__init__(f"Invalid image URL ({field}): {reason}")
+
+
+class LoraError(WorkerError):
+    """A requested LoRA could not be resolved, downloaded or applied. Names the ``loras[i]`` entry."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"Invalid LoRA ({field}): {reason}")
+
+
+class ContentFlaggedError(WorkerError):
+    """The safety checker flagged what the job would have delivered (or its input); nothing was stored."""
 
 
 class TaskNotServedError(WorkerError):

@@ -50,6 +50,7 @@ class Task(str, enum.Enum):
 class OutputFormat(str, enum.Enum):
     PNG = "png"
     JPEG = "jpeg"
+    WEBP = "webp"
 
     @property
     def mime_type(self) -> str:
