@@ -1,21 +1,37 @@
 """The request a job carries, parsed once into a typed ``Request``.
 
-This is the only module that knows the input field names. Rules (all inside the job's ``input`` object):
+This is the only module that knows input field names, including the other hosts' dialects (fal, Replicate,
+DashScope, Oxen/eachlabs). The README's parameter table documents every field; keep the two in step.
 
-    field                  type     default        rule
-    prompt                 string   (required)     non-empty after trimming
-    negative_prompt        string   ""             "" still runs true CFG, with " " as the model card recommends
-    size                   string   "1024*1024"    "W*H"; each side 256..2048 and a multiple of 16
-                                    (edit: follows the input image at ~1 MP)
-    seed                   integer  -1             -1 draws a random seed; otherwise 0 <= seed < 2**32
-    num_inference_steps    integer  DEFAULT_STEPS  1..100
-    true_cfg_scale         number   DEFAULT_TRUE_CFG_SCALE   1..20 (1 switches true CFG off)
-    enable_safety_checker  boolean  true
-    image                  string   -              an http(s) URL or a data:image/...;base64, URI; its presence makes the job an edit
-    output_format          string   png (t2i), jpeg (edit)   "png" or "jpeg"
+    field (aliases)                         type              default            rule
+    prompt                                  string            required           non-empty; at most 10 000 characters
+    negative_prompt                         string            ""                 "" still runs true CFG with " "
+    size                                    "W*H"             1024*1024 (t2i)    sides 256..2048, multiples of 16
+    width + height                          integers          -                  same rule; both or neither
+    aspect_ratio                            string            -                  1:1 16:9 9:16 4:3 3:4 3:2 2:3 (model card sizes)
+    image_size                              string | object   -                  fal preset / {width,height}, or Replicate's
+                                                                                 optimize_for_quality / optimize_for_speed
+    seed                                    integer           -1 (random)        0 <= seed < 2**32
+    num_inference_steps                     integer           DEFAULT_STEPS      1..100
+    true_cfg_scale (guidance, guidance_scale) number          DEFAULT_TRUE_CFG_SCALE  1..20; 1 turns true CFG off
+    num_images (n)                          integer           1                  1..4; image i uses seed + i
+    output_format                           string            png (t2i) / jpeg (edit)  png | jpeg (jpg) | webp
+    output_quality                          integer           jpeg 95, webp 90   1..100, jpeg and webp only
+    enable_safety_checker                   boolean           true               disable_safety_checker is its inverse
+    image                                   string            -                  http(s) URL or data:image/...;base64, URI: an edit
+    images                                  array of strings  -                  1..3 references (Edit-Plus models)
+    match_input_size                        boolean           false              edit: return the input's exact dimensions
+    loras                                   array             []                 up to 3 {path, scale}; scale -4..4
+    lora_weights + lora_scale               string + number   -                  Replicate's single LoRA; scale default 1
+    go_fast / acceleration                  boolean / string  false / "none"     Lightning LoRA: regular = 8 steps, high = 4
+    enhance_prompt (prompt_extend)          boolean           false              appends the model card's "magic" suffix
+    sync_mode                               boolean           false              fal: inline data URI even with a bucket
+    watermark                               boolean           false              DashScope: only false is supported
+    dry_run                                 boolean           false              validate and quote; nothing is generated
 
-Types are strict: an integer must be a JSON integer (not "12", 1.0 or true) and a boolean a JSON boolean.
-A field the worker does not know fails the request, naming it, so that a typo never passes silently.
+Types are strict: an integer must be a JSON integer (not "12", 1.0 or true) and a boolean a JSON boolean. A field the
+worker does not know fails the request, naming it, so that a typo never passes silently. Aliases of one field must
+agree when several are given; two size forms at once are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ValidationError
+from .sizes import ASPECT_RATIOS, FAL_PRESETS, REPLICATE_SIZE_MODES, about_one_megapixel
 
 MIN_SIDE = 256
 MAX_SIDE = 2048
@@ -36,10 +53,19 @@ SIDE_MULTIPLE = 16
 SEED_LIMIT = 2**32
 MAX_STEPS = 100
 MIN_CFG, MAX_CFG = 1.0, 20.0
-# Generous bounds that stop absurd payloads early; the text encoder sees far fewer tokens than this anyway.
+MAX_NUM_IMAGES = 4
+MAX_EDIT_IMAGES = 3
+MAX_LORAS = 3
+MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
+# Stops absurd payloads early; the text encoder's window is far smaller, see pipelines.MAX_PROMPT_TOKENS.
 MAX_PROMPT_CHARS = 10_000
+MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
 
 _SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*\*\s*(\d{1,6})\s*$")
+
+# The Qwen-Image model card's "positive magic", appended when enhance_prompt is on.
+MAGIC_SUFFIX_EN = ", Ultra HD, 4K, cinematic composition."
+MAGIC_SUFFIX_ZH = ", 超清，4K，电影级构图."
 
 
 class Task(str, enum.Enum):
@@ -61,6 +87,24 @@ class OutputFormat(str, enum.Enum):
         return "jpg" if self is OutputFormat.JPEG else self.value
 
 
+class FastMode(str, enum.Enum):
+    """Lightning distillation: ``regular`` runs the 8-step LoRA, ``high`` the 4-step one; both without true CFG."""
+
+    NONE = "none"
+    REGULAR = "regular"
+    HIGH = "high"
+
+    @property
+    def steps(self) -> int:
+        return {FastMode.REGULAR: 8, FastMode.HIGH: 4}.get(self, 0)
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    path: str  # a local file, a path on the network volume, or an http(s) URL
+    scale: float
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """Operator-set defaults that requests may override (DEFAULT_STEPS, DEFAULT_TRUE_CFG_SCALE)."""
@@ -71,10 +115,10 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class Request:
-    """A validated job. ``width``/``height`` are None for an edit whose size follows its input image."""
+    """A validated job. ``width``/``height`` are None for an edit whose size follows its (last) input image."""
 
     task: Task
-    prompt: str
+    prompt: str  # as sent; see ``effective_prompt`` for what the model reads
     negative_prompt: str
     width: int | None
     height: int | None
@@ -84,18 +128,40 @@ class Request:
     enable_safety_checker: bool
     output_format: OutputFormat
     image_urls: tuple[str, ...] = ()
+    num_images: int = 1
+    output_quality: int | None = None
+    match_input_size: bool = False
+    loras: tuple[LoraRequest, ...] = ()
+    fast_mode: FastMode = FastMode.NONE
+    enhance_prompt: bool = False
+    sync_mode: bool = False
+    dry_run: bool = False
+    notes: tuple[str, ...] = ()  # what the worker changed or ignored, reported back in the result
+
+    @property
+    def seeds(self) -> list[int]:
+        return [(self.seed + index) % SEED_LIMIT for index in range(self.num_images)]
+
+    @property
+    def effective_prompt(self) -> str:
+        if not self.enhance_prompt:
+            return self.prompt
+        return self.prompt.rstrip() + (MAGIC_SUFFIX_ZH if mostly_cjk(self.prompt) else MAGIC_SUFFIX_EN)
 
 
-_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "size",
-    "seed",
-    "num_inference_steps",
-    "true_cfg_scale",
-    "enable_safety_checker",
-    "image",
-    "output_format",
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "true_cfg_scale": ("true_cfg_scale", "guidance", "guidance_scale"),
+    "num_images": ("num_images", "n"),
+    "enhance_prompt": ("enhance_prompt", "prompt_extend"),
+}
+_FIELDS = frozenset(
+    {
+        "prompt", "negative_prompt", "size", "width", "height", "aspect_ratio", "image_size", "seed",
+        "num_inference_steps", "enable_safety_checker", "disable_safety_checker", "image", "images",
+        "output_format", "output_quality", "match_input_size", "loras", "lora_weights", "lora_scale", "go_fast",
+        "acceleration", "sync_mode", "watermark", "dry_run",
+    }
+    | {alias for names in _ALIASES.values() for alias in names}
 )
 
 
@@ -105,19 +171,36 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
         raise ValidationError("input", f"must be a JSON object, got {_json_type(raw)}")
     _reject_unknown_fields(raw)
     fields = _Fields(raw)
+    notes: list[str] = []
 
-    task = Task.EDIT if "image" in raw else Task.TEXT_TO_IMAGE
-    image_urls: tuple[str, ...] = ()
-    if task is Task.EDIT:
-        image_urls = (fields.string("image", required=True, max_chars=None, non_empty=True),)
+    image_urls = _image_urls(fields)
+    task = Task.EDIT if image_urls else Task.TEXT_TO_IMAGE
+    width, height = _size(fields, default=None if task is Task.EDIT else (1024, 1024))
+    match_input_size = fields.boolean("match_input_size", default=False)
+    if match_input_size and task is not Task.EDIT:
+        raise ValidationError("match_input_size", "applies only to edits (requests with 'image' or 'images')")
+    if match_input_size and width is not None:
+        raise ValidationError("match_input_size", "cannot be combined with an explicit size")
 
-    size = fields.optional("size")
-    if size is None:
-        width, height = (None, None) if task is Task.EDIT else (1024, 1024)
-    else:
-        width, height = parse_size(size)
+    fast_mode = _fast_mode(fields)
+    steps = fields.integer("num_inference_steps", default=None, low=1, high=MAX_STEPS)
+    cfg = fields.aliased_number("true_cfg_scale", default=None, low=MIN_CFG, high=MAX_CFG)
+    if fast_mode is not FastMode.NONE:
+        # Lightning LoRAs are distilled for an exact step count without CFG; other values would only spoil them.
+        if steps is not None and steps != fast_mode.steps:
+            notes.append(f"fast mode ({fast_mode.value}) runs {fast_mode.steps} steps; num_inference_steps {steps} ignored")
+        if cfg is not None and cfg != 1.0:
+            notes.append(f"fast mode ({fast_mode.value}) runs without true CFG; true_cfg_scale {cfg:g} ignored")
+        steps, cfg = fast_mode.steps, 1.0
 
-    default_format = OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG
+    output_format = _output_format(fields.optional("output_format"), OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG)
+    output_quality = fields.integer("output_quality", default=None, low=1, high=100)
+    if output_quality is not None and output_format is OutputFormat.PNG:
+        raise ValidationError("output_quality", "applies to jpeg and webp only (png is lossless)")
+
+    if fields.boolean("watermark", default=False):
+        raise ValidationError("watermark", "true is not supported: this worker never watermarks images")
+
     return Request(
         task=task,
         prompt=fields.string("prompt", required=True, non_empty=True),
@@ -125,13 +208,20 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
         width=width,
         height=height,
         seed=_seed(fields.integer("seed", default=-1)),
-        num_inference_steps=fields.integer(
-            "num_inference_steps", default=defaults.num_inference_steps, low=1, high=MAX_STEPS
-        ),
-        true_cfg_scale=fields.number("true_cfg_scale", default=defaults.true_cfg_scale, low=MIN_CFG, high=MAX_CFG),
-        enable_safety_checker=fields.boolean("enable_safety_checker", default=True),
-        output_format=_output_format(fields.optional("output_format"), default_format),
+        num_inference_steps=steps if steps is not None else defaults.num_inference_steps,
+        true_cfg_scale=cfg if cfg is not None else defaults.true_cfg_scale,
+        enable_safety_checker=_safety_checker(fields),
+        output_format=output_format,
         image_urls=image_urls,
+        num_images=fields.aliased_integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES),
+        output_quality=output_quality,
+        match_input_size=match_input_size,
+        loras=_loras(fields),
+        fast_mode=fast_mode,
+        enhance_prompt=fields.aliased_boolean("enhance_prompt", default=False),
+        sync_mode=fields.boolean("sync_mode", default=False),
+        dry_run=fields.boolean("dry_run", default=False),
+        notes=tuple(notes),
     )
 
 
@@ -155,22 +245,167 @@ def check_dimensions(width: int, height: int, *, field: str) -> None:
             raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {side}")
 
 
+def mostly_cjk(text: str) -> bool:
+    letters = [c for c in text if not c.isspace() and c.isalnum()]
+    cjk = sum(1 for c in letters if "\u3040" <= c <= "\u9fff" or "\uac00" <= c <= "\ud7af" or "\uf900" <= c <= "\ufaff")
+    return bool(letters) and cjk * 2 > len(letters)
+
+
+def _size(fields: "_Fields", default: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """One size form at most: size | width+height | aspect_ratio | image_size (Replicate's modes may take aspect_ratio)."""
+    size, width, height = fields.optional("size"), fields.optional("width"), fields.optional("height")
+    aspect, image_size = fields.optional("aspect_ratio"), fields.optional("image_size")
+    replicate_mode = isinstance(image_size, str) and image_size in REPLICATE_SIZE_MODES
+    forms = [
+        name
+        for name, present in (
+            ("size", size is not None),
+            ("width/height", width is not None or height is not None),
+            ("aspect_ratio", aspect is not None and not replicate_mode),
+            ("image_size", image_size is not None),
+        )
+        if present
+    ]
+    if len(forms) > 1:
+        raise ValidationError(forms[1].split("/")[0], f"cannot be combined with {forms[0]}: give the size in one form only")
+    if size is not None:
+        return parse_size(size)
+    if width is not None or height is not None:
+        w = fields.integer("width", default=None)
+        h = fields.integer("height", default=None)
+        if w is None or h is None:
+            raise ValidationError("width" if w is None else "height", "is required when the other side is given")
+        check_dimensions(w, h, field="width/height")
+        return w, h
+    if image_size is not None:
+        return _image_size(image_size, aspect)
+    if aspect is not None:
+        return _aspect_ratio(aspect)
+    return default if default is not None else (None, None)
+
+
+def _aspect_ratio(value: Any) -> tuple[int, int]:
+    if not isinstance(value, str) or value.strip() not in ASPECT_RATIOS:
+        raise ValidationError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {_preview(value)}")
+    return ASPECT_RATIOS[value.strip()]
+
+
+def _image_size(value: Any, aspect: Any) -> tuple[int, int]:
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"width", "height"}
+        if unknown or not {"width", "height"} <= set(value):
+            raise ValidationError("image_size", "as an object must be exactly {\"width\": int, \"height\": int}")
+        sides = _Fields(value)
+        width = sides.integer("width", default=0, field_prefix="image_size.")
+        height = sides.integer("height", default=0, field_prefix="image_size.")
+        check_dimensions(width, height, field="image_size")
+        return width, height
+    if isinstance(value, str) and value in FAL_PRESETS:
+        return FAL_PRESETS[value]
+    if isinstance(value, str) and value in REPLICATE_SIZE_MODES:
+        name = aspect if aspect is not None else "1:1"
+        width, height = _aspect_ratio(name)
+        if value == "optimize_for_speed":
+            across, down = (int(part) for part in name.strip().split(":"))
+            width, height = about_one_megapixel(across / down)
+        return width, height
+    names = ", ".join([*FAL_PRESETS, *REPLICATE_SIZE_MODES])
+    raise ValidationError("image_size", f"must be one of {names}, or {{\"width\", \"height\"}}; got {_preview(value)}")
+
+
+def _image_urls(fields: "_Fields") -> tuple[str, ...]:
+    image, images = fields.optional("image"), fields.optional("images")
+    if image is not None and images is not None:
+        raise ValidationError("images", "cannot be combined with image: send one image as 'image' or several as 'images'")
+    if image is not None:
+        return (fields.string("image", non_empty=True, max_chars=MAX_URL_CHARS),)
+    if images is None:
+        return ()
+    if not isinstance(images, list) or not 1 <= len(images) <= MAX_EDIT_IMAGES:
+        raise ValidationError("images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs or data URIs")
+    for index, item in enumerate(images):
+        if not isinstance(item, str) or not item.strip():
+            raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {_json_type(item)}")
+        if len(item) > MAX_URL_CHARS:
+            raise ValidationError(f"images[{index}]", f"must be at most {MAX_URL_CHARS} characters")
+    return tuple(images)
+
+
+def _safety_checker(fields: "_Fields") -> bool:
+    enable = fields.boolean("enable_safety_checker", default=None)
+    disable = fields.boolean("disable_safety_checker", default=None)
+    if enable is not None and disable is not None and enable == disable:
+        raise ValidationError(
+            "disable_safety_checker", f"contradicts enable_safety_checker ({str(enable).lower()}): give one of them"
+        )
+    if enable is not None:
+        return enable
+    return not disable if disable is not None else True
+
+
+def _fast_mode(fields: "_Fields") -> FastMode:
+    go_fast = fields.boolean("go_fast", default=None)
+    acceleration = fields.optional("acceleration")
+    mode = FastMode.NONE
+    if acceleration is not None:
+        allowed = ", ".join(f'"{m.value}"' for m in FastMode)
+        if not isinstance(acceleration, str):
+            raise ValidationError("acceleration", f"must be one of {allowed}, got {_json_type(acceleration)}")
+        try:
+            mode = FastMode(acceleration.strip().lower())
+        except ValueError:
+            raise ValidationError("acceleration", f"must be one of {allowed}, got {_preview(acceleration)}") from None
+    if go_fast is not None:
+        if acceleration is not None and go_fast != (mode is not FastMode.NONE):
+            raise ValidationError("go_fast", f"contradicts acceleration {mode.value!r}: give one of them")
+        if go_fast and mode is FastMode.NONE:
+            mode = FastMode.REGULAR
+    return mode
+
+
+def _loras(fields: "_Fields") -> tuple[LoraRequest, ...]:
+    loras, single = fields.optional("loras"), fields.optional("lora_weights")
+    if loras is not None and single is not None:
+        raise ValidationError("lora_weights", "cannot be combined with loras: put every LoRA in 'loras'")
+    if single is not None:
+        path = fields.string("lora_weights", non_empty=True, max_chars=4096)
+        scale = fields.number("lora_scale", default=1.0, low=MIN_LORA_SCALE, high=MAX_LORA_SCALE)
+        return (LoraRequest(path.strip(), scale),)
+    if fields.optional("lora_scale") is not None:
+        raise ValidationError("lora_scale", "needs lora_weights")
+    if loras is None:
+        return ()
+    if not isinstance(loras, list) or len(loras) > MAX_LORAS:
+        raise ValidationError("loras", f"must be an array of at most {MAX_LORAS} {{\"path\", \"scale\"}} objects")
+    parsed = []
+    for index, entry in enumerate(loras):
+        name = f"loras[{index}]"
+        if not isinstance(entry, Mapping) or not set(entry) <= {"path", "scale"} or "path" not in entry:
+            raise ValidationError(name, 'must be an object {"path": string, "scale": number}')
+        item = _Fields(entry)
+        path = item.string("path", non_empty=True, max_chars=4096, field_prefix=f"{name}.")
+        scale = item.number("scale", default=1.0, low=MIN_LORA_SCALE, high=MAX_LORA_SCALE, field_prefix=f"{name}.")
+        parsed.append(LoraRequest(path.strip(), scale))
+    return tuple(parsed)
+
+
 def _seed(value: int) -> int:
     if value == -1:
         return secrets.randbelow(SEED_LIMIT)
     if not 0 <= value < SEED_LIMIT:
-        raise ValidationError("seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {value}")
+        raise ValidationError("seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {_preview(value)}")
     return value
 
 
 def _output_format(value: Any, default: OutputFormat) -> OutputFormat:
     if value is None:
         return default
-    allowed = ", ".join(f'"{f.value}"' for f in OutputFormat)
+    allowed = '"png", "jpeg" (or "jpg"), "webp"'
     if not isinstance(value, str):
         raise ValidationError("output_format", f"must be one of {allowed}, got {_json_type(value)}")
+    name = value.strip().lower()
     try:
-        return OutputFormat(value.strip().lower())
+        return OutputFormat("jpeg" if name == "jpg" else name)
     except ValueError:
         raise ValidationError("output_format", f"must be one of {allowed}, got {_preview(value)}") from None
 
@@ -182,16 +417,16 @@ def _reject_unknown_fields(raw: Mapping[Any, Any]) -> None:
     described = []
     for key in unknown[:5]:
         name = _preview(key if isinstance(key, str) else repr(key))
-        close = difflib.get_close_matches(str(key), _FIELDS, n=1)
+        close = difflib.get_close_matches(str(key), sorted(_FIELDS), n=1)
         described.append(f"{name} (did you mean '{close[0]}'?)" if close else name)
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     raise ValidationError(
-        "input", f"has unknown field(s) {', '.join(described)}{more}; accepted fields: {', '.join(_FIELDS)}"
+        "input", f"has unknown field(s) {', '.join(described)}{more}; see the README's parameter table"
     )
 
 
 class _Fields:
-    """Typed, strict reads of one request's fields; every failure names the field."""
+    """Typed, strict reads of one object's fields; every failure names the field."""
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self._raw = raw
@@ -207,51 +442,76 @@ class _Fields:
         default: str | None = None,
         required: bool = False,
         non_empty: bool = False,
-        max_chars: int | None = MAX_PROMPT_CHARS,
+        max_chars: int = MAX_PROMPT_CHARS,
+        field_prefix: str = "",
     ) -> str:
+        field = field_prefix + name
         value = self.optional(name)
         if value is None:
-            if required:
-                raise ValidationError(name, "is required")
-            assert default is not None
+            if required or default is None:
+                raise ValidationError(field, "is required")
             return default
         if not isinstance(value, str):
-            raise ValidationError(name, f"must be a string, got {_json_type(value)}")
+            raise ValidationError(field, f"must be a string, got {_json_type(value)}")
         if non_empty and not value.strip():
-            raise ValidationError(name, "must not be empty")
-        if max_chars is not None and len(value) > max_chars:
-            raise ValidationError(name, f"must be at most {max_chars} characters, got {len(value)}")
+            raise ValidationError(field, "must not be empty")
+        if len(value) > max_chars:
+            raise ValidationError(field, f"must be at most {max_chars} characters, got {len(value)}")
         return value
 
-    def integer(self, name: str, *, default: int, low: int | None = None, high: int | None = None) -> int:
+    def integer(
+        self, name: str, *, default: Any, low: int | None = None, high: int | None = None, field_prefix: str = ""
+    ) -> Any:
+        field = field_prefix + name
         value = self.optional(name)
         if value is None:
             return default
         # bool is an int subclass in Python; JSON true must not pass as 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValidationError(name, f"must be an integer, got {_json_type(value)} {_preview(value)}")
+            raise ValidationError(field, f"must be an integer, got {_json_type(value)} {_preview(value)}")
         if low is not None and high is not None and not low <= value <= high:
-            raise ValidationError(name, f"must be between {low} and {high}, got {value}")
+            raise ValidationError(field, f"must be between {low} and {high}, got {_preview(value)}")
         return value
 
-    def number(self, name: str, *, default: float, low: float, high: float) -> float:
+    def number(self, name: str, *, default: Any, low: float, high: float, field_prefix: str = "") -> Any:
+        field = field_prefix + name
         value = self.optional(name)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValidationError(name, f"must be a number, got {_json_type(value)} {_preview(value)}")
-        number = float(value)
+            raise ValidationError(field, f"must be a number, got {_json_type(value)} {_preview(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer too large for a float
+            number = math.inf
         if not math.isfinite(number) or not low <= number <= high:
-            raise ValidationError(name, f"must be between {low:g} and {high:g}, got {_preview(value)}")
+            raise ValidationError(field, f"must be between {low:g} and {high:g}, got {_preview(value)}")
         return number
 
-    def boolean(self, name: str, *, default: bool) -> bool:
+    def boolean(self, name: str, *, default: Any) -> Any:
         value = self.optional(name)
         if value is None:
             return default
         if not isinstance(value, bool):
             raise ValidationError(name, f"must be a boolean (true or false), got {_json_type(value)} {_preview(value)}")
         return value
+
+    def aliased_number(self, canonical: str, **kwargs: Any) -> Any:
+        return self._aliased(canonical, self.number, **kwargs)
+
+    def aliased_integer(self, canonical: str, **kwargs: Any) -> Any:
+        return self._aliased(canonical, self.integer, **kwargs)
+
+    def aliased_boolean(self, canonical: str, **kwargs: Any) -> Any:
+        return self._aliased(canonical, self.boolean, **kwargs)
+
+    def _aliased(self, canonical: str, read: Any, **kwargs: Any) -> Any:
+        """Read a field that several hosts name differently; the names given must agree."""
+        given = [(name, read(name, **kwargs)) for name in _ALIASES[canonical] if self.optional(name) is not None]
+        for name, value in given[1:]:
+            if value != given[0][1]:
+                raise ValidationError(name, f"contradicts {given[0][0]} ({given[0][1]!r} vs {value!r}): give one of them")
+        return given[0][1] if given else kwargs["default"]
 
 
 def _json_type(value: Any) -> str:
@@ -274,5 +534,7 @@ def _json_type(value: Any) -> str:
 
 def _preview(value: Any, limit: int = 40) -> str:
     """A short, safe rendering of user input for an error message (never echo a whole payload back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"  # repr() of a huge int is slow, and refused past 4300 digits
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
