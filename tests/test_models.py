@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from qwen_worker.errors import ConfigError
-from qwen_worker.models import resolve_model
+from qwen_worker.models import ResolvedFolder, ResolvedModel, resolve_folder, resolve_model
 
 REPO = "Qwen/Qwen-Image"
+CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 
 
 def pipeline_folder(path: Path, class_name: str = "QwenImagePipeline") -> Path:
@@ -87,3 +88,54 @@ def test_folder_without_model_index_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="model_index.json"):
         resolve_model(str(tmp_path / "empty"), volume_path=tmp_path, baked_cache=None)
+
+
+# --- the same search for a model that is not a pipeline: the safety checker, whose folder root holds config.json
+
+
+def checker_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def resolve_checker(spec: str, tmp_path: Path) -> ResolvedFolder:
+    return resolve_folder(
+        spec,
+        volume_path=tmp_path / "vol",
+        baked_cache=tmp_path / "baked",
+        required_file="config.json",
+        what="Safety checker",
+    )
+
+
+def test_checker_repo_found_in_a_cache_by_its_config(tmp_path):
+    repo = tmp_path / "vol/huggingface-cache/hub/models--CompVis--stable-diffusion-safety-checker"
+    snapshot = checker_folder(repo / "snapshots/abc")
+    resolved = resolve_checker(CHECKER_REPO, tmp_path)
+    assert resolved == ResolvedFolder(CHECKER_REPO, snapshot, "abc", "runpod model cache")
+
+
+def test_checker_local_folder(tmp_path):
+    folder = checker_folder(tmp_path / "checker")
+    assert resolve_checker(str(folder), tmp_path) == ResolvedFolder(str(folder), folder, None, "local folder")
+
+
+def test_checker_folder_without_config_is_refused_by_name(tmp_path):
+    # A pipeline folder is not a checker folder: the required file is the caller's, not always model_index.json.
+    folder = pipeline_folder(tmp_path / "pipeline")
+    with pytest.raises(ConfigError, match=r"Safety checker .* has no config\.json"):
+        resolve_checker(str(folder), tmp_path)
+
+
+def test_missing_checker_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=f"^Safety checker {CHECKER_REPO} was not found") as caught:
+        resolve_checker(CHECKER_REPO, tmp_path)
+    assert "image cache" in str(caught.value)
+
+
+def test_resolved_model_is_a_resolved_folder_with_its_class(tmp_path):
+    folder = pipeline_folder(tmp_path / "mine")
+    resolved = resolve_model(str(folder), volume_path=tmp_path / "vol", baked_cache=None)
+    assert isinstance(resolved, ResolvedFolder)
+    assert resolved == ResolvedModel(str(folder), folder, None, "local folder", "QwenImagePipeline")

@@ -11,6 +11,9 @@ up, in this order, in:
 
 In a cache the revision is the one ``refs/main`` points at, else the only snapshot present. Nothing here touches the
 network; a model found nowhere is a ``ConfigError`` that names the repo id, every place looked and how to fix it.
+
+``resolve_folder`` does the search for any model whose folder has a known file at its root (``config.json`` for the
+safety checker); ``resolve_model`` is that search for a diffusers pipeline (``model_index.json``), plus its class.
 """
 
 from __future__ import annotations
@@ -29,27 +32,52 @@ VOLUME_HF_CACHE_SUBDIR = Path(".cache/huggingface/hub")
 
 
 @dataclass(frozen=True)
-class ResolvedModel:
+class ResolvedFolder:
     """A model folder ready for ``from_pretrained``, and where it came from."""
 
     model_id: str  # what the operator asked for: a repo id or a folder
     path: Path
     revision: str | None  # the snapshot hash when found in a cache
     source: str  # "local folder", "runpod model cache", "network volume cache", "image cache"
+
+
+@dataclass(frozen=True)
+class ResolvedModel(ResolvedFolder):
+    """A diffusers pipeline folder, with the pipeline class its model_index.json names."""
+
     pipeline_class: str  # model_index.json's _class_name
 
 
 def resolve_model(spec: str, *, volume_path: Path, baked_cache: Path | None) -> ResolvedModel:
-    """Find ``spec`` (a folder or a repo id) on local disk, or raise ConfigError saying where we looked."""
+    """Find the diffusers pipeline ``spec`` (a folder or a repo id) on local disk, or raise ConfigError."""
+    found = resolve_folder(
+        spec, volume_path=volume_path, baked_cache=baked_cache, required_file="model_index.json", what="Model"
+    )
+    index = found.path / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"Model {spec!r}: {index} is not a valid model_index.json ({err})") from None
+    return ResolvedModel(found.model_id, found.path, found.revision, found.source, class_name)
+
+
+def resolve_folder(
+    spec: str, *, volume_path: Path, baked_cache: Path | None, required_file: str, what: str
+) -> ResolvedFolder:
+    """Find ``spec`` (a folder or a repo id) on local disk, or raise ConfigError saying where we looked.
+
+    ``required_file`` must be at the folder's root (``model_index.json`` for a pipeline, ``config.json`` for a
+    transformers model); ``what`` names the model in messages ("Model", "Safety checker", ...).
+    """
     looked: list[str] = []
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        return _resolved(spec, folder, None, "local folder")
+        return _found(spec, folder, None, "local folder", required_file, what)
     looked.append(f"local folder {folder} (does not exist)")
 
     if not _looks_like_repo_id(spec):
         raise ConfigError(
-            f"Model {spec!r} is neither an existing folder nor a Hugging Face repo id (org/name). Looked in: "
+            f"{what} {spec!r} is neither an existing folder nor a Hugging Face repo id (org/name). Looked in: "
             + "; ".join(looked)
         )
 
@@ -62,28 +90,24 @@ def resolve_model(spec: str, *, volume_path: Path, baked_cache: Path | None) -> 
         repo_dir = cache / ("models--" + spec.replace("/", "--"))
         snapshot, why_not = _snapshot_in(repo_dir)
         if snapshot is not None:
-            return _resolved(spec, snapshot, snapshot.name, source)
+            return _found(spec, snapshot, snapshot.name, source, required_file, what)
         looked.append(f"{source} {repo_dir} ({why_not})")
 
     raise ConfigError(
-        f"Model {spec} was not found on this machine (the worker never downloads at run time). Looked in: "
+        f"{what} {spec} was not found on this machine (the worker never downloads at run time). Looked in: "
         + "; ".join(looked)
         + f". Fix: bake it into the image (builder/fetch_models.py), enable Runpod's cached model '{spec}' on the "
         "endpoint, put it on the network volume, or point the variable at a local folder."
     )
 
 
-def _resolved(spec: str, path: Path, revision: str | None, source: str) -> ResolvedModel:
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"Model {spec!r} at {path} has no model_index.json: it is not a diffusers pipeline folder")
-    try:
-        class_name = json.loads(index.read_text())["_class_name"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"Model {spec!r}: {index} is not a valid model_index.json ({err})") from None
-    resolved = ResolvedModel(spec, path, revision, source, class_name)
-    log.info("model %s: %s from %s at %s (revision %s)", spec, class_name, source, path, revision or "n/a")
-    return resolved
+def _found(spec: str, path: Path, revision: str | None, source: str, required_file: str, what: str) -> ResolvedFolder:
+    if not (path / required_file).is_file():
+        raise ConfigError(
+            f"{what} {spec!r} at {path} has no {required_file}: it is not laid out as the Hugging Face repo is"
+        )
+    log.info("%s %s: from %s at %s (revision %s)", what, spec, source, path, revision or "n/a")
+    return ResolvedFolder(spec, path, revision, source)
 
 
 def _snapshot_in(repo_dir: Path) -> tuple[Path | None, str]:
