@@ -10,6 +10,7 @@
 #   QWEN_IMAGE_REVISION / QWEN_IMAGE_EDIT_REVISION   revisions to bake               (default main)
 #   BAKE_MODELS             "true" bakes the weights into the image; "false" leaves them to Runpod's cached
 #                           models or a network volume                                (default true)
+#   SAFETY_CHECKER_MODEL    the NSFW checker baked beside them, or "none"             (CompVis/stable-diffusion-safety-checker)
 # An HF token, when a repo needs one, is passed as a build secret and never lands in a layer:
 #   docker build --secret id=hf_token,env=HF_TOKEN .
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
@@ -40,17 +41,20 @@ ARG QWEN_IMAGE_EDIT_MODEL=none
 ARG QWEN_IMAGE_REVISION=main
 ARG QWEN_IMAGE_EDIT_REVISION=main
 ARG BAKE_MODELS=true
+ARG SAFETY_CHECKER_MODEL=CompVis/stable-diffusion-safety-checker
 COPY builder/fetch_models.py builder/
 RUN --mount=type=secret,id=hf_token,required=false \
     set -eu; \
     models=""; \
     if [ "$QWEN_IMAGE_MODEL" != "none" ]; then models="t2i"; fi; \
     if [ "$QWEN_IMAGE_EDIT_MODEL" != "none" ]; then models="${models:+$models,}edit"; fi; \
+    extra=""; \
     if [ "$BAKE_MODELS" != "true" ] || [ -z "$models" ]; then models="none"; fi; \
+    if [ "$BAKE_MODELS" = "true" ] && [ "$SAFETY_CHECKER_MODEL" != "none" ]; then extra="--extra-repo $SAFETY_CHECKER_MODEL"; fi; \
     HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
     python builder/fetch_models.py --models "$models" \
         --t2i-repo "$QWEN_IMAGE_MODEL" --revision-t2i "$QWEN_IMAGE_REVISION" \
-        --edit-repo "$QWEN_IMAGE_EDIT_MODEL" --revision-edit "$QWEN_IMAGE_EDIT_REVISION"; \
+        --edit-repo "$QWEN_IMAGE_EDIT_MODEL" --revision-edit "$QWEN_IMAGE_EDIT_REVISION" $extra; \
     chmod -R a+rX /models
 
 # The worker's code, last: editing it rebuilds only these small layers.

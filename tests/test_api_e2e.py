@@ -25,6 +25,7 @@ def worker(tiny_models, tmp_path_factory):
         {
             "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
             "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
+            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
             "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
         },
         tmp_path_factory.mktemp("worker") / "worker.log",

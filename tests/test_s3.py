@@ -30,7 +30,12 @@ def bucket_env(info, bucket: str, **extra: str) -> dict[str, str]:
 
 def start_worker(tiny_models, tmp_path, env: dict[str, str]) -> WorkerServer:
     return WorkerServer(
-        {"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", **env},
+        {
+            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
+            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
+            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+            **env,
+        },
         tmp_path / "worker.log",
     ).start()
 

@@ -1,4 +1,4 @@
-"""Building the worker from the process environment: logging, the runpod SDK's log level, then the models."""
+"""The composition root: read the environment, load models once, wire the worker. ``handler.py`` calls ``create_worker``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import sys
 
 from .config import Settings
 from .errors import ConfigError
-from .worker import Worker, build_worker
+from .loras import LoraStore
+from .models import resolve_folder, resolve_model
+from .pipelines import LightningFiles, LoadedPipeline, PipelineRunner, dtype_for, load_pipeline, select_device
+from .progress import StepProgress, runpod_sender
+from .safety import SafetyChecker
+from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
+from .worker import SafetyPolicy, Worker
 
 log = logging.getLogger("qwen_worker")
 
@@ -20,6 +26,69 @@ def configure_logging(settings: Settings) -> None:
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     RunPodLogger().set_level(settings.runpod_log_level)
+
+
+def build_store(settings: Settings) -> tuple[ResultStore, ResultStore | None]:
+    """The configured store, and the inline fallback when UPLOAD_FALLBACK=inline applies."""
+    if settings.bucket is not None:
+        s3 = S3Store(settings.bucket)
+        warning = s3.check()
+        if warning:
+            log.warning("storage check at start-up failed: %s. Jobs will fail until it is fixed.", warning)
+        return s3, InlineStore(settings.max_inline_bytes) if settings.upload_fallback_inline else None
+    if settings.local_output_dir is not None:
+        return LocalDirectoryStore(settings.local_output_dir), None
+    return InlineStore(settings.max_inline_bytes), None
+
+
+def build_safety(settings: Settings, device) -> SafetyPolicy:  # device: torch.device
+    if settings.safety_checker == "off":
+        log.warning("safety checker disabled by operator (SAFETY_CHECKER=off)")
+        return SafetyPolicy(checker=None, mode="off")
+    folder = resolve_folder(
+        settings.safety_checker_model,
+        volume_path=settings.volume_path,
+        baked_cache=settings.hf_hub_cache,
+        required_file="config.json",
+        what="safety checker (SAFETY_CHECKER_MODEL; set SAFETY_CHECKER=off to run without one)",
+    )
+    checker = SafetyChecker.load(folder.path, device, dtype_for(device))
+    return SafetyPolicy(checker=checker, mode=settings.safety_checker, check_inputs=settings.safety_check_inputs)
+
+
+def build_worker(settings: Settings) -> Worker:
+    """Resolve and load the configured models (once per process) and wire the worker. Raises ConfigError."""
+    device = select_device(settings.require_cuda)
+    loaded: list[LoadedPipeline] = []
+    lightning = {
+        "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step),
+        "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step),
+    }
+    for spec, task in ((settings.t2i_model, "t2i"), (settings.edit_model, "edit")):
+        if spec is None:
+            continue
+        model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
+        loaded.append(load_pipeline(model, device, lightning[task]))
+    safety = build_safety(settings, device)
+    store, fallback = build_store(settings)
+    log.info("results go to %s", store.description)
+    loras = LoraStore(
+        settings.lora_cache_dir,
+        settings.lora_cache_max_bytes,
+        settings.lora_max_bytes,
+        settings.volume_path,
+        settings.image_fetch_timeout_seconds,
+    )
+    sender = runpod_sender() if settings.report_progress else None
+    return Worker(
+        settings,
+        PipelineRunner(loaded, device),
+        store,
+        fallback_store=fallback,
+        loras=loras,
+        safety=safety,
+        progress=(lambda job: StepProgress(job, sender)) if sender else (lambda job: None),
+    )
 
 
 def create_worker() -> Worker:

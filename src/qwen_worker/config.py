@@ -14,6 +14,7 @@ from typing import Mapping
 from .errors import ConfigError
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
+DEFAULT_SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
 # The words that switch a pipeline off, e.g. QWEN_IMAGE_MODEL=none on an edit-only endpoint.
 _DISABLED = frozenset({"", "none", "off", "false", "0"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -73,6 +74,24 @@ class Settings:
     bucket: BucketSettings | None = None
     upload_fallback_inline: bool = False
 
+    # LoRAs: downloads are cached by URL; files over the per-file cap are refused.
+    lora_cache_dir: Path = Path("/tmp/qwen-worker/loras")
+    lora_cache_max_bytes: int = 20 * 1000**3
+    lora_max_bytes: int = 2 * 1000**3
+    # Lightning fast mode: the distillation LoRAs, per task (8-step and 4-step files). None = not installed.
+    lightning_lora: Path | None = None
+    lightning_lora_4step: Path | None = None
+    lightning_edit_lora: Path | None = None
+    lightning_edit_lora_4step: Path | None = None
+
+    # Safety checker policy: "on" obeys each request, "always" checks every image, "off" loads nothing.
+    safety_checker: str = "on"
+    safety_checker_model: str = DEFAULT_SAFETY_CHECKER_MODEL
+    safety_check_inputs: bool = False
+
+    # Progress: sent to Runpod while denoising, only when the SDK has somewhere to send it.
+    report_progress: bool = False
+
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
@@ -96,6 +115,18 @@ class Settings:
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 15 * 1000 * 1000, low=1, high=1 << 34),
             bucket=_bucket_settings(reader),
             upload_fallback_inline=reader.choice("UPLOAD_FALLBACK", "off", ("off", "inline")) == "inline",
+            lora_cache_dir=reader.path("LORA_CACHE_DIR") or Path("/tmp/qwen-worker/loras"),
+            lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * 1000**3, low=1, high=1 << 50),
+            lora_max_bytes=reader.integer("LORA_MAX_BYTES", 2 * 1000**3, low=1, high=1 << 40),
+            lightning_lora=reader.path("LIGHTNING_LORA"),
+            lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP"),
+            lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA"),
+            lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP"),
+            safety_checker=reader.choice("SAFETY_CHECKER", "on", ("on", "always", "off")),
+            safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or DEFAULT_SAFETY_CHECKER_MODEL,
+            safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", False),
+            # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
+            report_progress=bool(reader.text("RUNPOD_WEBHOOK_POST_OUTPUT", "")),
             runpod_log_level=reader.choice(
                 "RUNPOD_LOG_LEVEL", "INFO", ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"), upper=True
             ),

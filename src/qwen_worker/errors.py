@@ -60,7 +60,15 @@ class TaskNotServedError(WorkerError):
 
 
 class GenerationError(WorkerError):
-    """The diffusion pipeline failed while generating."""
+    """The diffusion pipeline failed while generating.
+
+    ``fatal`` marks faults that leave the GPU unusable (a sticky CUDA error): the job fails with
+    ``refresh_worker`` so Runpod replaces the container instead of feeding it more jobs.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        self.fatal = fatal
+        super().__init__(message)
 
 
 class ResultTooLargeError(WorkerError):

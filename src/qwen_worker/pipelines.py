@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
+from .loras import applied_loras
 from .models import ResolvedModel
-from .schema import Request, Task
+from .schema import FastMode, Request, Task
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +37,17 @@ SUPPORTED_PIPELINES: dict[str, tuple[Task, bool]] = {
     "QwenImageEditPlusPipeline": (Task.EDIT, True),
 }
 
+# The pipelines' max_sequence_length default: prompt embeddings past this many tokens are dropped.
+MAX_PROMPT_TOKENS = 512
+
 # The model card's advice: with no negative prompt, still run true CFG against a single space.
 EMPTY_NEGATIVE_PROMPT = " "
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+# The Lightning authors' scheduler: shift fixed at ln 3 whatever the resolution, no terminal shift.
+LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
 
 
 @dataclass
@@ -46,13 +57,39 @@ class LoadedPipeline:
     task: Task
     accepts_multiple_images: bool
     load_seconds: float
+    lightning: "LightningFiles" = field(default_factory=lambda: LightningFiles())
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything one pipeline call needs, resolved by the worker: sizes are final, LoRAs are local files."""
+
+    request: Request
+    width: int
+    height: int
+    inputs: Sequence[Image.Image] = ()
+    loras: Sequence[tuple[Path, float]] = ()
 
 
 @dataclass
 class Generation:
     images: list[Image.Image]
     model: ResolvedModel
+    num_inference_steps: int
+    true_cfg_scale: float
     timings_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LightningFiles:
+    """Lightning distillation LoRAs per task: the 8-step file (go_fast / "regular") and the 4-step one ("high")."""
+
+    eight_step: Path | None = None
+    four_step: Path | None = None
+
+    def for_mode(self, mode: FastMode) -> Path | None:
+        return {FastMode.REGULAR: self.eight_step, FastMode.HIGH: self.four_step}.get(mode)
 
 
 def select_device(require_cuda: bool) -> torch.device:
@@ -71,8 +108,17 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_pipeline(model: ResolvedModel, device: torch.device) -> LoadedPipeline:
-    """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure."""
+def load_pipeline(
+    model: ResolvedModel, device: torch.device, lightning: LightningFiles = LightningFiles()
+) -> LoadedPipeline:
+    """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
+
+    ``lightning`` names the fast-mode LoRA files for this pipeline; they are checked now (a typo in the
+    configuration should stop the worker, not fail jobs) and applied per job.
+    """
+    for path in (lightning.eight_step, lightning.four_step):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"Lightning LoRA file {path} for {model.model_id} does not exist")
     import diffusers
 
     if model.pipeline_class not in SUPPORTED_PIPELINES:
@@ -100,11 +146,11 @@ def load_pipeline(model: ResolvedModel, device: torch.device) -> LoadedPipeline:
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
-    return LoadedPipeline(model, pipeline, task, multi_image, seconds)
+    return LoadedPipeline(model, pipeline, task, multi_image, seconds, lightning)
 
 
 class PipelineRunner:
-    """Holds the loaded pipelines (at most one per task) and runs requests on them."""
+    """Holds the loaded pipelines (at most one per task) and runs jobs on them, one at a time."""
 
     def __init__(self, pipelines: Sequence[LoadedPipeline], device: torch.device) -> None:
         self.device = device
@@ -136,24 +182,33 @@ class PipelineRunner:
                 f"with several images needs an Edit-Plus model (2509/2511); this endpoint serves "
                 f"{loaded.model.pipeline_class}",
             )
+        if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
+            variable = _lightning_variable(request.task, request.fast_mode)
+            raise TaskNotServedError(
+                f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
+                f"not configured ({variable}). Send the request without go_fast/acceleration."
+            )
 
-    def generate(
-        self, request: Request, inputs: Sequence[Image.Image], on_progress: ProgressCallback | None = None
-    ) -> Generation:
+    def generate(self, job: GenerationJob, on_progress: ProgressCallback | None = None) -> Generation:
+        request = job.request
         loaded = self.pipeline_for(request.task)
+        pipeline = loaded.pipeline
         call: dict[str, Any] = {
-            "prompt": request.prompt,
+            "prompt": request.effective_prompt,
             "negative_prompt": request.negative_prompt or EMPTY_NEGATIVE_PROMPT,
             "true_cfg_scale": request.true_cfg_scale,
             "num_inference_steps": request.num_inference_steps,
-            # A CPU generator draws the same noise on every device, so a seed means the same image on CPU and GPU.
-            "generator": torch.Generator(device="cpu").manual_seed(request.seed),
+            "num_images_per_prompt": request.num_images,
+            "width": job.width,
+            "height": job.height,
+            # One CPU generator per image: image i is the image seed+i would give alone, on any device.
+            "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds],
             "output_type": "pil",
         }
-        if request.width is not None and request.height is not None:
-            call["width"], call["height"] = request.width, request.height
+        if request.true_cfg_scale <= 1.0:
+            call["negative_prompt"] = None  # no true CFG: skip the second (negative) transformer pass entirely
         if request.task is Task.EDIT:
-            call["image"] = list(inputs) if loaded.accepts_multiple_images else inputs[0]
+            call["image"] = list(job.inputs) if loaded.accepts_multiple_images else job.inputs[0]
         if on_progress is not None:
             total = request.num_inference_steps
 
@@ -163,20 +218,112 @@ class PipelineRunner:
 
             call["callback_on_step_end"] = report
 
-        started = time.perf_counter()
+        loras = list(job.loras)
+        lightning = loaded.lightning.for_mode(request.fast_mode)
+        if lightning is not None:
+            loras.insert(0, (lightning, 1.0))
+        stages = _StageClock(pipeline.transformer)
         try:
-            with torch.inference_mode():
-                output = loaded.pipeline(**call)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            with self._scheduler_for(loaded, request.fast_mode), applied_loras(pipeline, loras), stages:
+                with torch.inference_mode():
+                    output = pipeline(**call)
+        except torch.OutOfMemoryError:
+            # Memory is freed and the worker goes on: the next, smaller job can succeed.
+            _free_accelerator_memory()
+            pixels = job.width * job.height * request.num_images
             raise GenerationError(
-                "The GPU ran out of memory while generating; try a smaller size or fewer images."
+                f"The GPU ran out of memory generating {request.num_images} image(s) of {job.width}x{job.height} "
+                f"({pixels / 1e6:.1f} MP in all); try a smaller size or fewer images."
+            ) from None
+        except torch.AcceleratorError as err:
+            log.exception("pipeline %s hit an unrecoverable accelerator error", loaded.model.model_id)
+            raise GenerationError(
+                f"The GPU failed while generating ({str(err)[:160]}); this worker will be replaced. Please retry.",
+                fatal=True,
             ) from None
         except (RuntimeError, ValueError) as err:
             log.exception("pipeline %s failed", loaded.model.model_id)
+            _free_accelerator_memory()
             raise GenerationError(f"Generation failed: {type(err).__name__}: {str(err)[:200]}") from None
         return Generation(
             images=list(output.images),
             model=loaded.model,
-            timings_ms={"generate": (time.perf_counter() - started) * 1000},
+            num_inference_steps=request.num_inference_steps,
+            true_cfg_scale=request.true_cfg_scale,
+            timings_ms=stages.timings_ms(),
+            notes=[note for note in (prompt_token_note(pipeline, call["prompt"]),) if note],
         )
+
+    @contextmanager
+    def _scheduler_for(self, loaded: LoadedPipeline, mode: FastMode) -> Iterator[None]:
+        """Swap in the Lightning scheduler for a fast-mode job and always put the original back."""
+        if mode is FastMode.NONE:
+            yield
+            return
+        pipeline = loaded.pipeline
+        original = pipeline.scheduler
+        pipeline.scheduler = type(original).from_config({**original.config, **LIGHTNING_SCHEDULER_OVERRIDES})
+        try:
+            yield
+        finally:
+            pipeline.scheduler = original
+
+
+class _StageClock:
+    """Splits one pipeline call into encode (prompt and input images), denoise and decode.
+
+    The first transformer forward marks the start of denoising and the last one its end, so no pipeline internals
+    are copied to time them. Hooks are removed when the call ends.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self.first_forward: float | None = None
+        self.last_forward: float | None = None
+
+    def __enter__(self) -> "_StageClock":
+        self.started = time.perf_counter()
+        self._hooks = [
+            self.transformer.register_forward_pre_hook(self._before),
+            self.transformer.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ended = time.perf_counter()
+        for hook in self._hooks:
+            hook.remove()
+
+    def _before(self, *args: Any) -> None:
+        if self.first_forward is None:
+            self.first_forward = time.perf_counter()
+
+    def _after(self, *args: Any) -> None:
+        self.last_forward = time.perf_counter()
+
+    def timings_ms(self) -> dict[str, float]:
+        if self.first_forward is None or self.last_forward is None:
+            return {"generate": (self.ended - self.started) * 1000}
+        return {
+            "encode_prompt": (self.first_forward - self.started) * 1000,
+            "denoise": (self.last_forward - self.first_forward) * 1000,
+            "decode": (self.ended - self.last_forward) * 1000,
+        }
+
+
+def _free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prompt_token_note(pipeline: Any, prompt: str) -> str | None:
+    """A note when the prompt is longer than the text encoder reads (the rest is silently cut by the pipeline)."""
+    tokens = len(pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokens <= MAX_PROMPT_TOKENS:
+        return None
+    return f"the prompt is {tokens} tokens; the text encoder reads only the first {MAX_PROMPT_TOKENS}"
+
+
+def _lightning_variable(task: Task, mode: FastMode) -> str:
+    prefix = "LIGHTNING_EDIT_LORA" if task is Task.EDIT else "LIGHTNING_LORA"
+    return prefix + ("_4STEP" if mode is FastMode.HIGH else "")

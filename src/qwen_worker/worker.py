@@ -1,4 +1,4 @@
-"""One job, one direction: parse -> resolve inputs -> generate -> encode -> store -> respond.
+"""One job, one direction: parse -> resolve inputs -> generate -> safety -> encode -> store -> respond.
 
 ``Worker.handle(job)`` never raises: a ``WorkerError`` becomes ``{"error": "<readable string>"}`` (Runpod marks the
 job FAILED), and anything unexpected is logged with its traceback and answered with a generic error, so the worker
@@ -9,19 +9,56 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .config import Settings
-from .errors import StorageError, WorkerError
+from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
+from .loras import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, load_image
-from .models import resolve_model
-from .pipelines import LoadedPipeline, PipelineRunner, load_pipeline, select_device
+from .pipelines import GenerationJob, PipelineRunner, ProgressCallback
 from .pricing import cost_of
-from .schema import GenerationDefaults, Request, parse_request
-from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
+from .safety import SafetyChecker
+from .schema import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerationDefaults, Request, Task, check_dimensions, parse_request
+from .sizes import edit_output_size
+from .storage import InlineStore, ResultStore
 
 log = logging.getLogger(__name__)
+
+FLAGGED_MESSAGE = "the generated image was flagged by the safety checker"
+
+
+@dataclass(frozen=True)
+class SafetyPolicy:
+    """The operator's SAFETY_CHECKER setting applied to a request's flag."""
+
+    checker: SafetyChecker | None
+    mode: str  # "on" | "always" | "off"
+    check_inputs: bool = False
+
+    def applies_to(self, request: Request) -> bool:
+        return self.checker is not None and (self.mode == "always" or request.enable_safety_checker)
+
+    def describe(self, request: Request) -> str:
+        if self.mode == "off":
+            return "disabled by operator"
+        if self.mode == "always":
+            return "enforced by operator"
+        return "enabled" if request.enable_safety_checker else "disabled by request"
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Sizes decided before generating: what the model renders, and what the caller receives."""
+
+    width: int
+    height: int
+    delivered: tuple[int, int]
 
 
 class Worker:
@@ -30,22 +67,35 @@ class Worker:
         settings: Settings,
         runner: PipelineRunner,
         store: ResultStore,
+        *,
         fallback_store: ResultStore | None = None,
+        loras: LoraStore | None = None,
+        safety: SafetyPolicy | None = None,
+        progress: Callable[[Mapping[str, Any]], ProgressCallback | None] = lambda job: None,
     ) -> None:
         self.settings = settings
         self.runner = runner
         self.store = store
         self.fallback_store = fallback_store
+        self.inline_store = InlineStore(settings.max_inline_bytes)
+        self.loras = loras
+        self.safety = safety or SafetyPolicy(checker=None, mode="off")
+        self.progress = progress
         self.defaults = GenerationDefaults(settings.default_steps, settings.default_true_cfg_scale)
         self.image_limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, settings.image_fetch_timeout_seconds
         )
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        job_id = str(job.get("id") or "job") if isinstance(job, Mapping) else "job"
+        job = job if isinstance(job, Mapping) else {}
+        job_id = str(job.get("id") or "job")
         started = time.perf_counter()
         try:
-            result = self._run(job_id, job.get("input") if isinstance(job, Mapping) else None)
+            result = self._run(job, job_id)
+        except GenerationError as err:
+            log.warning("job %s failed: %s", job_id, err)
+            # refresh_worker: the SDK stops this worker after the job, and Runpod starts a fresh one.
+            return {"error": str(err), "refresh_worker": True} if err.fatal else {"error": str(err)}
         except WorkerError as err:
             log.warning("job %s failed: %s", job_id, err)
             return {"error": str(err)}
@@ -55,46 +105,146 @@ class Worker:
         log.info("job %s done in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
         return result
 
-    def _run(self, job_id: str, raw_input: Any) -> dict[str, Any]:
-        request = parse_request(raw_input, self.defaults)
+    def _run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+        request = parse_request(job.get("input"), self.defaults)
         self.runner.check_request(request)
         timings: dict[str, float] = {}
 
         with _timed(timings, "fetch_inputs"):
-            inputs = [
-                load_image(url, self.image_limits, field="image" if len(request.image_urls) == 1 else f"images[{i}]")
-                for i, url in enumerate(request.image_urls)
-            ]
-        generation = self.runner.generate(request, inputs)
+            inputs = self._fetch_inputs(request)
+        plan = self._plan_output(request, inputs)
+        if request.dry_run:
+            return self._quote(request, plan)
+        if inputs and self.safety.check_inputs and self.safety.applies_to(request):
+            with _timed(timings, "safety_inputs"):
+                self._refuse_flagged_inputs(inputs)
+        with _timed(timings, "fetch_loras"):
+            loras = self._resolve_loras(request)
+
+        generation = self.runner.generate(
+            GenerationJob(request, plan.width, plan.height, inputs, loras), self.progress(job)
+        )
         timings.update(generation.timings_ms)
+
+        flags: list[bool] | None = None
+        if self.safety.applies_to(request):
+            with _timed(timings, "safety"):
+                flags = self.safety.checker.check(generation.images)  # type: ignore[union-attr]
+            if all(flags):
+                raise ContentFlaggedError(
+                    FLAGGED_MESSAGE if len(flags) == 1 else f"all {len(flags)} generated images were flagged by the safety checker"
+                )
+        seeds = request.seeds
+        kept = [(seed, image) for seed, image, flagged in zip(seeds, generation.images, flags or [False] * len(seeds)) if not flagged]
+
         with _timed(timings, "encode_image"):
-            encoded = [encode_image(image, request.output_format) for image in generation.images]
-        with _timed(timings, "store"):
-            urls, warning = self._store(job_id, encoded)
+            encoded = [
+                encode_image(_resized(image, plan.delivered), request.output_format, request.output_quality)
+                for _, image in kept
+            ]
+        with _timed(timings, "upload"):
+            urls, warning = self._store(job_id, encoded, inline=request.sync_mode)
 
         first = encoded[0]
         result: dict[str, Any] = {
             "image_url": urls[0],
             "cost": cost_of(((image.width, image.height) for image in encoded), self.settings.price_per_megapixel),
-            "seed": request.seed,
+            "images": [
+                {"url": url, "seed": seed, "width": image.width, "height": image.height, "content_type": image.format.mime_type}
+                for url, (seed, _), image in zip(urls, kept, encoded)
+            ],
+            "seed": kept[0][0],
             "width": first.width,
             "height": first.height,
+            "num_inference_steps": generation.num_inference_steps,
+            "true_cfg_scale": generation.true_cfg_scale,
+            "safety_checker": self.safety.describe(request),
+            "timings": {name: round(ms, 1) for name, ms in timings.items()},
+            "model": {"id": generation.model.model_id, "revision": generation.model.revision},
         }
+        if flags is not None:
+            result["has_nsfw_concepts"] = flags
+        if request.enhance_prompt:
+            result["prompt"] = request.effective_prompt
+        if request.fast_mode.value != "none":
+            result["acceleration"] = request.fast_mode.value
+        notes = list(request.notes) + generation.notes
+        if flags is not None and any(flags):
+            notes.append(f"{sum(flags)} of {len(flags)} images were flagged by the safety checker and not delivered")
+        if notes:
+            result["notes"] = notes
         if warning:
             result["warning"] = warning
         log.info(
-            "job %s: %s %dx%d seed=%d steps=%d timings_ms=%s",
-            job_id,
-            request.task.value,
-            first.width,
-            first.height,
-            request.seed,
-            request.num_inference_steps,
-            {name: round(ms) for name, ms in timings.items()},
+            "job %s: %s %dx%d x%d seed=%d steps=%d timings_ms=%s",
+            job_id, request.task.value, first.width, first.height, len(encoded), request.seed,
+            generation.num_inference_steps, result["timings"],
         )
         return result
 
-    def _store(self, job_id: str, encoded: list[EncodedImage]) -> tuple[list[str], str | None]:
+    def _fetch_inputs(self, request: Request) -> list[Image.Image]:
+        many = len(request.image_urls) > 1
+        return [
+            load_image(url, self.image_limits, field=f"images[{index}]" if many else "image")
+            for index, url in enumerate(request.image_urls)
+        ]
+
+    def _plan_output(self, request: Request, inputs: Sequence[Image.Image]) -> OutputPlan:
+        if request.width is not None and request.height is not None:
+            return OutputPlan(request.width, request.height, (request.width, request.height))
+        assert request.task is Task.EDIT and inputs
+        last = inputs[-1]  # Edit-Plus follows the last reference image, as the model does
+        field = "images" if len(inputs) > 1 else "image"
+        if request.match_input_size:
+            # Render near the input's own size when the model can, then resize to the exact input dimensions.
+            if _in_range(last.width, last.height):
+                width, height = _nearest_allowed(last.width), _nearest_allowed(last.height)
+            else:
+                width, height = edit_output_size(last.width, last.height)
+            return OutputPlan(width, height, last.size)
+        width, height = edit_output_size(last.width, last.height)
+        try:
+            check_dimensions(width, height, field=field)
+        except ValidationError:
+            raise ValidationError(
+                field, f"has an aspect ratio too extreme for the model ({last.width}x{last.height}); give a size"
+            ) from None
+        return OutputPlan(width, height, (width, height))
+
+    def _quote(self, request: Request, plan: OutputPlan) -> dict[str, Any]:
+        """A dry run: what the job would produce and cost, with nothing generated."""
+        return {
+            "dry_run": True,
+            "task": request.task.value,
+            "cost": cost_of([plan.delivered] * request.num_images, self.settings.price_per_megapixel),
+            "width": plan.delivered[0],
+            "height": plan.delivered[1],
+            "num_images": request.num_images,
+            "seed": request.seed,
+            "seeds": request.seeds,
+            "num_inference_steps": request.num_inference_steps,
+            "true_cfg_scale": request.true_cfg_scale,
+            "output_format": request.output_format.value,
+            "prompt": request.effective_prompt,
+            **({"notes": list(request.notes)} if request.notes else {}),
+        }
+
+    def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:
+        flags = self.safety.checker.check(inputs)  # type: ignore[union-attr]
+        if any(flags):
+            names = ", ".join("image" if len(inputs) == 1 else f"images[{i}]" for i, f in enumerate(flags) if f)
+            raise ContentFlaggedError(f"the input image ({names}) was flagged by the safety checker; nothing was generated")
+
+    def _resolve_loras(self, request: Request) -> list[tuple[Path, float]]:
+        if not request.loras:
+            return []
+        if self.loras is None:
+            raise WorkerError("LoRAs are not enabled on this endpoint")
+        return [(self.loras.resolve(lora, f"loras[{index}]"), lora.scale) for index, lora in enumerate(request.loras)]
+
+    def _store(self, job_id: str, encoded: list[EncodedImage], *, inline: bool) -> tuple[list[str], str | None]:
+        if inline:  # fal's sync_mode: the caller wants the bytes in the response, not a URL
+            return self.inline_store.store(job_id, encoded), None
         try:
             return self.store.store(job_id, encoded), None
         except StorageError as err:
@@ -105,42 +255,23 @@ class Worker:
             return urls, f"{err} The image is returned inline instead (UPLOAD_FALLBACK=inline)."
 
 
-class _timed:
-    """Adds the milliseconds a block took to ``timings[name]``."""
-
-    def __init__(self, timings: dict[str, float], name: str) -> None:
-        self.timings, self.name = timings, name
-
-    def __enter__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.name] = (time.perf_counter() - self.started) * 1000
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
-def build_store(settings: Settings) -> tuple[ResultStore, ResultStore | None]:
-    """The configured store, and the inline fallback when UPLOAD_FALLBACK=inline applies."""
-    inline = InlineStore(settings.max_inline_bytes)
-    if settings.bucket is not None:
-        s3 = S3Store(settings.bucket)
-        warning = s3.check()
-        if warning:
-            log.warning("storage check at start-up failed: %s. Jobs will fail until it is fixed.", warning)
-        return s3, inline if settings.upload_fallback_inline else None
-    if settings.local_output_dir is not None:
-        return LocalDirectoryStore(settings.local_output_dir), None
-    return inline, None
+def _nearest_allowed(side: int) -> int:
+    return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
 
-def build_worker(settings: Settings) -> Worker:
-    """Resolve and load the configured models (once per process) and wire the worker. Raises ConfigError."""
-    device = select_device(settings.require_cuda)
-    loaded: list[LoadedPipeline] = []
-    for spec in (settings.t2i_model, settings.edit_model):
-        if spec is None:
-            continue
-        model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
-        loaded.append(load_pipeline(model, device))
-    store, fallback = build_store(settings)
-    log.info("results go to %s", store.description)
-    return Worker(settings, PipelineRunner(loaded, device), store, fallback)
+def _in_range(width: int, height: int) -> bool:
+    return all(MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the milliseconds the block took to ``timings[name]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = (time.perf_counter() - started) * 1000

@@ -1,0 +1,171 @@
+"""What can be checked of the worker image without Docker: the Dockerfile, .dockerignore and the Runpod Hub files."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fixtures_http import file_server
+from images import photo_like, to_bytes
+from worker_api import WorkerServer, completed_output
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            result.append((word.upper(), rest.strip()))
+    return result
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Evaluate .dockerignore's patterns in order (last match wins), as Docker does."""
+    excluded = False
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern + "/*") or path.startswith(pattern + "/"):
+            excluded = not negate
+    return excluded
+
+
+def test_every_copy_source_exists_and_is_in_the_build_context():
+    copies = [args for word, args in instructions() if word == "COPY"]
+    assert copies
+    for args in copies:
+        *sources, _destination = [part for part in shlex.split(args) if not part.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY source {source} is missing"
+            assert not dockerignore_excludes(source.rstrip("/")), f"{source} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_the_context_small():
+    for heavy in (".venv", "models", "outputs", ".git", "tests", ".s3"):
+        assert dockerignore_excludes(heavy), heavy
+
+
+def test_cmd_runs_the_handler_unbuffered():
+    cmds = [args for word, args in instructions() if word == "CMD"]
+    assert cmds == ['["python", "-u", "handler.py"]']
+
+
+def test_base_is_a_cuda_runtime_matching_the_torch_build_and_python_312():
+    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-runtime-ubuntu24\.04", DOCKERFILE)
+    assert "python3.12" in DOCKERFILE
+    torch_pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+    assert torch_pin and torch_pin.group(1) == "2.13.0"  # PyPI's 2.13.0 wheel is the CUDA 13.0 build
+
+
+def test_requirements_are_pinned():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+\-]*", line), f"unpinned: {line}"
+
+
+def test_dependencies_install_before_the_code_is_copied():
+    order = [(word, args) for word, args in instructions() if word in ("COPY", "RUN")]
+    install = next(i for i, (word, args) in enumerate(order) if word == "RUN" and "requirements.txt" in args)
+    code = next(i for i, (word, args) in enumerate(order) if word == "COPY" and args.startswith("src/"))
+    assert install < code
+
+
+def test_no_secret_reaches_a_layer():
+    for word, args in instructions():
+        if word in ("ARG", "ENV"):
+            assert not re.search(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY", args, re.I), f"{word} {args}"
+    fetch = next(args for word, args in instructions() if word == "RUN" and "fetch_models.py" in args)
+    assert "--mount=type=secret,id=hf_token" in fetch  # the token exists only while that step runs
+
+
+def test_runtime_environment_and_weights_location():
+    env = " ".join(args for word, args in instructions() if word == "ENV")
+    for setting in ("HF_HUB_OFFLINE=1", "RUNPOD_LOG_LEVEL=INFO", "HF_ENABLE_PARALLEL_LOADING=yes", "REQUIRE_CUDA=1"):
+        assert setting in env
+    home = re.search(r"HF_HOME=(\S+)", env)
+    assert home and not home.group(1).startswith("/runpod-volume")
+
+
+def test_fetch_step_uses_options_the_builder_accepts():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "builder"))
+    import fetch_models
+
+    fetch = next(args for word, args in instructions() if word == "RUN" and "fetch_models.py" in args)
+    used = set(re.findall(r"(--[a-z0-9-]+)", fetch.split("fetch_models.py", 1)[1]))
+    parser_options = set(re.findall(r'"(--[a-z0-9-]+)"', (ROOT / "builder/fetch_models.py").read_text()))
+    assert used <= parser_options, used - parser_options
+    assert callable(fetch_models.main)
+
+
+def load_json(name: str) -> dict:
+    return json.loads((ROOT / ".runpod" / name).read_text())
+
+
+def test_hub_json_shape():
+    hub = load_json("hub.json")
+    assert {"title", "description", "type", "category", "config"} <= hub.keys()
+    assert hub["type"] == "serverless" and hub["category"] == "image"
+    config = hub["config"]
+    assert config["runsOn"] == "GPU" and config["gpuCount"] == 1 and isinstance(config["containerDiskInGb"], int)
+    assert all(pool in ("ADA_80_PRO", "HOPPER_141", "AMPERE_80") for pool in config["gpuIds"].split(","))  # >= 80 GB
+    keys = [entry["key"] for entry in config["env"]]
+    assert len(keys) == len(set(keys))
+    readme = (ROOT / "README.md").read_text()
+    for entry in config["env"]:
+        assert ("value" in entry) != ("input" in entry), entry["key"]
+        assert f"`{entry['key']}`" in readme, f"{entry['key']} is not documented in the README"
+        if "input" in entry:
+            assert {"name", "type", "description"} <= entry["input"].keys()
+    for preset in config["presets"]:
+        assert set(preset["defaults"]) <= set(keys)
+
+
+def test_tests_json_shape():
+    tests = load_json("tests.json")
+    names = [test["name"] for test in tests["tests"]]
+    assert len(names) == len(set(names)) == 2
+    assert any("image" in test["input"] for test in tests["tests"])
+    assert tests["config"]["gpuCount"] == 1
+
+
+@pytest.mark.slow
+def test_every_hub_test_completes_on_the_tiny_pipelines(tiny_models, tmp_path):
+    tests = load_json("tests.json")["tests"]
+    with file_server() as images:
+        fixture = images.add("/hub-fixture.png", to_bytes(photo_like(128, 96)))
+        worker = WorkerServer(
+            {
+                "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
+                "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
+                "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
+                "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+                "DEFAULT_STEPS": "1",
+            },
+            tmp_path / "worker.log",
+        ).start()
+        try:
+            for test in tests:
+                payload = dict(test["input"])
+                if "image" in payload:
+                    payload["image"] = fixture  # never fetch the real URL
+                output = completed_output(worker.runsync(payload, timeout=test.get("timeout", 600_000) / 1000))
+                assert output["image_url"] and output["cost"] > 0, test["name"]
+        finally:
+            worker.stop()
