@@ -9,7 +9,7 @@ from .config import Settings
 from .errors import ConfigError
 from .loras import LoraStore
 from .models import resolve_folder, resolve_model
-from .pipelines import LightningFiles, LoadedPipeline, PipelineRunner, dtype_for, load_pipeline, select_device
+from .pipelines import ComponentPool, LightningFiles, LoadedPipeline, PipelineRunner, dtype_for, load_pipeline, select_device
 from .progress import StepProgress, runpod_sender
 from .safety import SafetyChecker
 from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
@@ -64,11 +64,12 @@ def build_worker(settings: Settings) -> Worker:
         "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step),
         "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step),
     }
+    pool = ComponentPool(share=settings.share_components)
     for spec, task in ((settings.t2i_model, "t2i"), (settings.edit_model, "edit")):
         if spec is None:
             continue
         model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
-        loaded.append(load_pipeline(model, device, lightning[task]))
+        loaded.append(load_pipeline(model, device, lightning[task], pool))
     safety = build_safety(settings, device)
     store, fallback = build_store(settings)
     log.info("results go to %s", store.description)

@@ -89,6 +89,9 @@ class Settings:
     safety_checker_model: str = DEFAULT_SAFETY_CHECKER_MODEL
     safety_check_inputs: bool = False
 
+    # Load a component two pipelines share (identical files) once: Qwen-Image and -Edit share ~17 GB.
+    share_components: bool = True
+
     # Progress: sent to Runpod while denoising, only when the SDK has somewhere to send it.
     report_progress: bool = False
 
@@ -125,6 +128,7 @@ class Settings:
             safety_checker=reader.choice("SAFETY_CHECKER", "on", ("on", "always", "off")),
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or DEFAULT_SAFETY_CHECKER_MODEL,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", False),
+            share_components=reader.boolean("SHARE_COMPONENTS", True),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(reader.text("RUNPOD_WEBHOOK_POST_OUTPUT", "")),
             runpod_log_level=reader.choice(
