@@ -69,7 +69,7 @@ def build_worker(settings: Settings) -> Worker:
         if spec is None:
             continue
         model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
-        loaded.append(load_pipeline(model, device, lightning[task], pool))
+        loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)
     store, fallback = build_store(settings)
     log.info("results go to %s", store.description)

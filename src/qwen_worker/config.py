@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
@@ -89,6 +90,9 @@ class Settings:
     safety_checker_model: str = DEFAULT_SAFETY_CHECKER_MODEL
     safety_check_inputs: bool = False
 
+    # Transformer speed options (acceleration.py).
+    acceleration: AccelerationSettings = AccelerationSettings()
+
     # Load a component two pipelines share (identical files) once: Qwen-Image and -Edit share ~17 GB.
     share_components: bool = True
 
@@ -129,6 +133,7 @@ class Settings:
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or DEFAULT_SAFETY_CHECKER_MODEL,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", False),
             share_components=reader.boolean("SHARE_COMPONENTS", True),
+            acceleration=_acceleration_settings(reader),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(reader.text("RUNPOD_WEBHOOK_POST_OUTPUT", "")),
             runpod_log_level=reader.choice(
@@ -140,6 +145,27 @@ class Settings:
                 "Neither QWEN_IMAGE_MODEL nor QWEN_IMAGE_EDIT_MODEL is set to a model: the worker would serve nothing"
             )
         return settings
+
+
+def _acceleration_settings(reader: "_EnvReader") -> AccelerationSettings:
+    step_cache = reader.text("STEP_CACHE", "off") or "off"
+    try:
+        cache_name, cache_parameter = parse_step_cache(step_cache)
+    except ValueError as err:
+        raise ConfigError(f"STEP_CACHE {err}") from None
+    sizes = []
+    for item in reader.text("COMPILE_WARMUP_SIZES", "1024*1024,1328*1328").split(","):
+        width, _, height = item.strip().partition("*")
+        if not (width.isdigit() and height.isdigit()):
+            raise ConfigError(f"COMPILE_WARMUP_SIZES must be a comma-separated list of W*H sizes, got {item!r}")
+        sizes.append((int(width), int(height)))
+    return AccelerationSettings(
+        attention_backend=reader.choice("ATTENTION_BACKEND", "native", ATTENTION_BACKENDS),
+        step_cache=cache_name,
+        step_cache_parameter=cache_parameter,
+        compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
+        warmup_sizes=tuple(sizes),
+    )
 
 
 def _hf_hub_cache(env: Mapping[str, str]) -> Path | None:

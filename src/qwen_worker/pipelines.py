@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .acceleration import AccelerationSettings, apply_acceleration, warm_up
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .loras import applied_loras
 from .models import ResolvedModel
@@ -61,6 +62,7 @@ class LoadedPipeline:
     accepts_multiple_images: bool
     load_seconds: float
     lightning: "LightningFiles" = field(default_factory=lambda: LightningFiles())
+    compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def load_pipeline(
     device: torch.device,
     lightning: LightningFiles = LightningFiles(),
     pool: "ComponentPool | None" = None,
+    acceleration: AccelerationSettings = AccelerationSettings(),
 ) -> LoadedPipeline:
     """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
 
@@ -156,9 +159,14 @@ def load_pipeline(
         raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
     pipeline.to(device)  # a no-op for components already there; moves nothing large twice
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
+    if pool.first_use(pipeline.transformer):  # a shared transformer is configured (and compiled) once
+        apply_acceleration(pipeline.transformer, acceleration)
+    if acceleration.compile:
+        warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
-    return LoadedPipeline(model, pipeline, task, multi_image, seconds, lightning)
+    compiled_sizes = set(acceleration.warmup_sizes) if acceleration.compile else None
+    return LoadedPipeline(model, pipeline, task, multi_image, seconds, lightning, compiled_sizes)
 
 
 # The components worth timing one by one and sharing between pipelines: the large torch modules.
@@ -187,6 +195,14 @@ class ComponentPool:
         self.share = share
         self._loaded: list[tuple[str, Path, Any]] = []  # (class name, folder, module)
         self._fingerprints: dict[Path, str] = {}
+        self._configured: set[int] = set()
+
+    def first_use(self, module: Any) -> bool:
+        """True the first time a module is seen: per-module set-up must not run twice on a shared one."""
+        if id(module) in self._configured:
+            return False
+        self._configured.add(id(module))
+        return True
 
     def load(self, model: ResolvedModel, name: str, library: str, class_name: str, device: torch.device) -> Any:
         folder = model.path / name
@@ -308,6 +324,9 @@ class PipelineRunner:
 
             call["callback_on_step_end"] = report
 
+        if loaded.compiled_sizes is not None and (job.width, job.height) not in loaded.compiled_sizes:
+            loaded.compiled_sizes.add((job.width, job.height))
+            log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
         loras = list(job.loras)
         lightning = loaded.lightning.for_mode(request.fast_mode)
         if lightning is not None:
