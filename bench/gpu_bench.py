@@ -1,0 +1,1036 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the worker's own generate path on full-size Qwen-Image with random bf16 weights.
+
+What it does (a benchmark, not a test: it asserts nothing about time):
+
+1. Measures a bf16 matmul peak on the GPU (8192^3 products, median of several batches) as the yardstick.
+2. Builds the full-size transformer (QwenImageTransformer2DModel, ~20.4 B parameters), VAE (AutoencoderKLQwenImage,
+   ~0.13 B) and text encoder (Qwen2.5-VL-7B, ~8.3 B) from the published configs in ``bench/configs/``. Parameters are
+   created on the meta device (accelerate's ``init_empty_weights``; buffers and RoPE tables, a few KB, are computed
+   as usual), allocated uninitialised on the GPU with ``to_empty`` and filled there: normal(0, 0.02) weights, zero
+   biases, norm weights one. Nothing is downloaded and no weight is ever initialised on, or copied from, the CPU.
+3. Assembles a ``QwenImagePipeline`` from them, the real scheduler config and the tiny tokenizer of
+   ``builder/tiny_models.py`` (its token ids differ from Qwen2.5-VL's, but the template, the dropped prefix and the
+   sequence lengths behave the same: the prompt is built to give exactly ``--text-tokens`` prompt embeddings, and
+   the lengths the transformer really saw are recorded), wraps it in the worker's own ``LoadedPipeline`` /
+   ``PipelineRunner`` (a synthetic ``ResolvedModel``) and times ``PipelineRunner.generate(GenerationJob(...))``:
+   the worker's path, not a copy of it, with its own per-stage clock (``_StageClock``: encode_prompt, denoise,
+   decode) reported as the worker reports it.
+4. Modes: ``quality`` (50 steps, true CFG 4: two transformer forwards per step) and ``fast`` (the worker's go_fast:
+   the Lightning scheduler and an 8-step LoRA applied per job, CFG off). The Lightning LoRA cannot be downloaded here,
+   so a synthetic one with the real layout (``<module>.lora_down/lora_up.weight`` + ``.alpha`` on the 12 attention
+   and MLP projections of every block, rank ``--lora-rank``) is written to a temporary file and loaded by the
+   worker exactly as a real one would be (``--fast-lora none`` runs 8 steps without CFG and without any LoRA).
+5. Reports, per mode and size: the worker's stage times, the denoise span on the GPU timeline (CUDA events in
+   transformer hooks: the worker's clock is a host clock and may end before the GPU has finished), other time
+   (LoRA load/unload, scheduler swap), peak GPU memory (``torch.cuda.max_memory_allocated``), the analytic FLOPs of
+   every transformer forward that ran, achieved TFLOP/s and its fraction of the matmul peak. One table on stdout,
+   everything (raw runs included) in JSON, with the versions of torch, diffusers, transformers, peft, the GPU, its
+   driver and CUDA.
+
+Analytic FLOPs of one transformer forward (``transformer_forward_flops``), for N image tokens ((H/16)*(W/16)) and T
+text tokens (the prompt embeddings), S = N + T, D = heads*head_dim = 3072, L = 60 blocks, F = 4*D (the MLP width):
+
+    blocks      2*S*(4*D^2 + 2*D*F)*L      each token goes through its stream's q, k, v, out and MLP projections
+                                           (image and text streams have their own weights of the same shapes)
+    attention   4*S^2*D*L                  Q.K^T and P.V over the joint image+text sequence, all heads
+    modulation  2*2*(D*6D)*L               img_mod/txt_mod act once per sample, not per token
+    embeddings  2*N*64*D + 2*T*3584*D + 2*N*D*64 + timestep MLP + norm_out
+    LoRA        2*S*r*(10*D + 2*F)*L       fast mode only: rank-r A/B pairs on the 12 projections per block
+
+Element-wise work (norms, RoPE, GELU, softmax, modulation, residuals) and biases are left out (< 1 %). At 1024^2
+(N = 4096) this is ~7e13 FLOP per forward, the issue's figure (~6.8 B parameters act per token: 12*D^2*L).
+
+Usage (on a CUDA machine; see docs/PERFORMANCE.md, "GPU", for carrying diffusers to the lent machine):
+
+    python bench/gpu_bench.py                                   # quality + fast at 1024^2 and 1328^2
+    python bench/gpu_bench.py --steps-quality 10 --repeat 2     # time 10 quality steps, extrapolate to 50
+    python bench/gpu_bench.py --sizes 1024 --modes fast --json out.json
+    python bench/gpu_bench.py --describe                        # parameter counts and FLOPs only, no GPU
+    python bench/gpu_bench.py --tiny --device cpu --sizes 256 --steps-quality 2   # logic check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Before any Hugging Face import: they read these once. Nothing here may download anything.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "builder"))
+
+import torch  # noqa: E402
+
+QUALITY_STEPS = 50
+QUALITY_CFG = 4.0
+FAST_STEPS = 8  # what the worker's go_fast (FastMode.REGULAR) runs
+DEFAULT_SIZES = (1024, 1328)
+TINY_SIZES = (256,)
+MODES = ("quality", "fast")
+WARMUP_STEPS = 2  # quality warm-up runs this many steps: same shapes and kernels, a fraction of the time
+MATMUL_N = 8192
+TINY_MATMUL_N = 256
+LIGHTNING_RANK = 64  # the Qwen-Image-Lightning files' rank as commonly reported (DiffSynth loads them at alpha 8/64)
+TINY_LORA_RANK = 4
+DEFAULT_TEXT_TOKENS = 64
+SEED = 0
+NORMAL_STD = 0.02
+GIB = 1024**3
+
+# The projections a Qwen-Image-Lightning LoRA adapts in every transformer block (12 per block).
+LIGHTNING_MODULES = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
+# Words that the tiny tokenizer (BPE learnt on the pipelines' templates) encodes as one token each after a space.
+PROMPT_WORDS = ("the", "color", "shape", "size", "texture", "of", "objects", "and", "background", "image")
+
+
+# ---------------------------------------------------------------------------------------------------- environment
+
+
+def _ensure_runpod_importable() -> str | None:
+    """The worker's LoRA module imports the runpod SDK's SSRF-safe downloader at import time; the lent GPU machine
+    has no runpod (and its dependency tree is large). The bench only ever loads LoRAs from local files, so a stub
+    that refuses downloads stands in for it there. Returns a note when the stub was installed."""
+    try:
+        import runpod.serverless.utils.rp_ssrf  # noqa: F401
+
+        return None
+    except ImportError:
+        pass
+
+    class SSRFError(Exception):
+        pass
+
+    def _refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("gpu_bench: the runpod SDK is not installed here; LoRAs can only be local files")
+
+    names = ("runpod", "runpod.serverless", "runpod.serverless.utils", "runpod.serverless.utils.rp_ssrf")
+    modules = {name: sys.modules.get(name) or types.ModuleType(name) for name in names}
+    modules["runpod.serverless.utils.rp_ssrf"].SSRFError = SSRFError
+    modules["runpod.serverless.utils.rp_ssrf"].safe_get = _refuse
+    modules["runpod.serverless.utils.rp_ssrf"].iter_content_capped = _refuse
+    for parent, child in zip(names, names[1:]):
+        setattr(modules[parent], child.rsplit(".", 1)[1], modules[child])
+    sys.modules.update(modules)
+    return "runpod SDK not installed: a stub of runpod.serverless.utils.rp_ssrf was used (URL LoRA downloads only)"
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    names = ("peft", "accelerate", "huggingface_hub", "safetensors", "tokenizers", "numpy")
+    found = {name: _version(name) for name in names}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        # the modules actually imported (carried wheels shadow what is installed; their paths say which won)
+        "diffusers": diffusers.__version__,
+        "diffusers_path": str(Path(diffusers.__file__).parent),
+        "transformers": transformers.__version__,
+        "transformers_path": str(Path(transformers.__file__).parent),
+        **found,
+        "peft_path": _module_dir("peft"),
+    }
+
+
+def _module_dir(name: str) -> str | None:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    return str(Path(module.__file__).parent)
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type, "host": platform.node(), "cpu_count": os.cpu_count()}
+    if device.type != "cuda":
+        info["name"] = platform.processor() or platform.machine()
+        return info
+    props = torch.cuda.get_device_properties(device)
+    info.update(
+        name=props.name,
+        total_memory_bytes=props.total_memory,
+        multiprocessors=props.multi_processor_count,
+        capability=f"{props.major}.{props.minor}",
+        sdpa={
+            name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
+            for name in ("flash", "mem_efficient", "cudnn", "math")
+        },
+        diffusers_attention_backend=os.environ.get("DIFFUSERS_ATTN_BACKEND", "native (default)"),
+    )
+    try:
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 5:
+            info.update(nvidia_smi_name=fields[0], driver=fields[1], memory_total=fields[2], max_sm_clock=fields[3],
+                        power_limit=fields[4])
+    except (OSError, subprocess.SubprocessError):
+        info["driver"] = None
+    return info
+
+
+def git_state() -> dict[str, Any]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": None, "dirty": None}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- FLOPs
+
+
+def transformer_forward_flops(
+    config: dict[str, Any], image_tokens: int, text_tokens: int, lora_rank: int = 0
+) -> dict[str, float]:
+    """Analytic FLOPs of one QwenImageTransformer2DModel forward for one sample (see the module docstring).
+
+    A multiply-add counts 2. ``config`` is the transformer's config (published or tiny)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    layers = config["num_layers"]
+    ff = 4 * d  # diffusers FeedForward(dim, dim_out=dim, activation_fn="gelu-approximate"): mult 4
+    joint = config["joint_attention_dim"]
+    c_in = config["in_channels"]
+    c_out = config["patch_size"] ** 2 * (config.get("out_channels") or c_in)
+    s = image_tokens + text_tokens
+    per_token_block = 4 * d * d + 2 * d * ff  # q, k, v, out + MLP in/out, one stream's weights
+    blocks = 2.0 * s * per_token_block * layers
+    attention = 4.0 * s * s * d * layers
+    modulation = 2.0 * 2 * (d * 6 * d) * layers
+    timestep = 2.0 * (256 * d + d * d)  # sinusoidal 256 -> D -> D
+    embeddings = 2.0 * image_tokens * c_in * d + 2.0 * text_tokens * joint * d + 2.0 * image_tokens * d * c_out
+    norm_out = 2.0 * d * 2 * d
+    lora = 2.0 * s * lora_rank * (10 * d + 2 * ff) * layers if lora_rank else 0.0
+    total = blocks + attention + modulation + timestep + embeddings + norm_out + lora
+    return {
+        "total": total,
+        "blocks_linear": blocks,
+        "attention": attention,
+        "modulation": modulation,
+        "embeddings": embeddings + timestep + norm_out,
+        "lora": lora,
+    }
+
+
+def analytic_transformer_params(config: dict[str, Any]) -> float:
+    """The weight count the FLOP formula assumes (no biases or norms): a cross-check against the real module."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    ff = 4 * d
+    c_out = config["patch_size"] ** 2 * (config.get("out_channels") or config["in_channels"])
+    per_block = 2 * (4 * d * d + 2 * d * ff) + 2 * (d * 6 * d)
+    return (
+        per_block * config["num_layers"]
+        + config["in_channels"] * d
+        + config["joint_attention_dim"] * d
+        + d * c_out
+        + 256 * d
+        + d * d
+        + d * 2 * d
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- building
+
+
+def load_configs(tiny: bool, tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """The four component configs: the published ones from bench/configs/, or builder/tiny_models.py's tiny ones."""
+    if not tiny:
+        return {
+            name: json.loads((CONFIG_DIR / f"{name}_config.json").read_text())
+            for name in ("transformer", "vae", "text_encoder", "scheduler")
+        }
+    import tiny_models
+
+    with _quiet_construction():
+        return {
+            "transformer": dict(tiny_models._transformer().config),
+            "vae": dict(tiny_models._vae().config),
+            "text_encoder": tiny_models._text_encoder(tokenizer).config.to_dict(),
+            "scheduler": dict(tiny_models.SCHEDULER_CONFIG),
+        }
+
+
+def tiny_tokenizer() -> Any:
+    """builder/tiny_models.py's Qwen2 tokenizer: same template behaviour, tiny vocabulary (ids differ from the real)."""
+    import tiny_models
+    from transformers import Qwen2Tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in tiny_models._tokenizer_files().items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _quiet_construction():
+    diffusers_log = logging.getLogger("diffusers")
+    transformers_log = logging.getLogger("transformers")
+    levels = diffusers_log.level, transformers_log.level
+    diffusers_log.setLevel(logging.ERROR)
+    transformers_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_log.setLevel(levels[0])
+        transformers_log.setLevel(levels[1])
+
+
+def build_empty(kind: str, config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+    """The component with every parameter on the meta device (no memory), buffers computed as usual."""
+    from accelerate import init_empty_weights
+
+    with _quiet_construction(), init_empty_weights(include_buffers=False):
+        if kind == "transformer":
+            from diffusers import QwenImageTransformer2DModel
+
+            model = QwenImageTransformer2DModel.from_config(config)
+        elif kind == "vae":
+            from diffusers import AutoencoderKLQwenImage
+
+            model = AutoencoderKLQwenImage.from_config(config)
+        elif kind == "text_encoder":
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+            model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_dict(config), dtype=dtype)
+        else:
+            raise ValueError(kind)
+        if kind != "text_encoder":
+            # diffusers' from_pretrained(torch_dtype=...) casts the whole model (floating buffers too); free on meta
+            model = model.to(dtype)
+    return model.eval()
+
+
+def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate ``model``'s parameters on ``device`` (uninitialised) and fill them there with random values.
+
+    Weights ~ normal(0, 0.02), biases 0, normalisation weights 1: magnitudes like a trained model's, so the run
+    takes the same kernels; the values are meaningless. Buffers (RoPE inverse frequencies) keep their computed
+    values: they are copied across after ``to_empty``, which would otherwise leave them uninitialised."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    meta_buffers = [name for name, buffer in buffers.items() if buffer.is_meta]
+    if meta_buffers:
+        raise RuntimeError(f"buffers left on the meta device: {meta_buffers[:5]}")
+    model.to_empty(device=device)
+    generator_seed = seed
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            model.get_buffer(name).copy_(buffer)
+        torch.manual_seed(generator_seed)
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, parameter in module.named_parameters(recurse=False):
+                if name.endswith("bias"):
+                    parameter.zero_()
+                elif is_norm:
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, NORMAL_STD)
+    model.requires_grad_(False)
+    not_there = [name for name, p in model.named_parameters() if p.device.type != device.type]
+    if not_there:
+        raise RuntimeError(f"parameters not on {device}: {not_there[:5]}")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def build_pipeline(
+    configs: dict[str, dict[str, Any]], tokenizer: Any, device: torch.device | None, dtype: torch.dtype
+) -> tuple[Any, dict[str, Any]]:
+    """A QwenImagePipeline of random-weight components. ``device`` None: leave them on the meta device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    components: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    for index, kind in enumerate(("transformer", "text_encoder", "vae")):
+        started = time.perf_counter()
+        model = build_empty(kind, configs[kind], dtype)
+        if device is not None:
+            materialize(model, device, SEED + index)
+            synchronize(device)
+        components[kind] = model
+        info[kind] = {
+            "class": type(model).__name__,
+            "parameters": count_parameters(model),
+            "build_seconds": round(time.perf_counter() - started, 3),
+        }
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if kind == "text_encoder" and attention:
+            info[kind]["attn_implementation"] = attention
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"])
+    with _quiet_construction():
+        pipeline = QwenImagePipeline(tokenizer=tokenizer, **components)
+    pipeline.set_progress_bar_config(disable=True)  # as the worker's load_pipeline does
+    return pipeline, info
+
+
+def prompt_for(pipeline: Any, text_tokens: int) -> str:
+    """A prompt whose embeddings (what the transformer reads, after the pipeline drops the template's system part)
+    are exactly ``text_tokens`` long with this pipeline's tokenizer."""
+    words: list[str] = []
+    while True:
+        length = embeddings_length(pipeline, " ".join(words))
+        if length == text_tokens and words:
+            return " ".join(words)
+        if length >= text_tokens:
+            raise ValueError(f"cannot build a prompt of exactly {text_tokens} embeddings (got {length}); try another")
+        words.append(PROMPT_WORDS[len(words) % len(PROMPT_WORDS)])
+
+
+def embeddings_length(pipeline: Any, prompt: str) -> int:
+    template, drop = pipeline.prompt_template_encode, pipeline.prompt_template_encode_start_idx
+    return len(pipeline.tokenizer(template.format(prompt))["input_ids"]) - drop
+
+
+# -------------------------------------------------------------------------------------------------------- LoRA
+
+
+def write_synthetic_lightning_lora(
+    path: Path, transformer: torch.nn.Module, rank: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """A random LoRA in the Qwen-Image-Lightning file layout (bare ``<module>.lora_down.weight`` / ``lora_up.weight``
+    / ``.alpha``), for the 12 projections of every block. Made on ``device``, saved through the CPU (a file must be)."""
+    from safetensors.torch import save_file
+
+    layers = dict(transformer.named_modules())
+    blocks = len(transformer.transformer_blocks)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    tensors: dict[str, torch.Tensor] = {}
+    parameters = 0
+    for block in range(blocks):
+        for module in LIGHTNING_MODULES:
+            name = f"transformer_blocks.{block}.{module}"
+            out_features, in_features = layers[name].weight.shape
+            down = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * NORMAL_STD
+            up = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * NORMAL_STD
+            tensors[f"{name}.lora_down.weight"] = down.cpu().contiguous()
+            tensors[f"{name}.lora_up.weight"] = up.cpu().contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+            parameters += down.numel() + up.numel()
+    save_file(tensors, str(path))
+    return {"path": str(path), "rank": rank, "modules": blocks * len(LIGHTNING_MODULES), "parameters": parameters,
+            "bytes": path.stat().st_size, "layout": "Lightning (bare lora_down/lora_up/alpha)", "synthetic": True}
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, n: int, batches: int = 7, per_batch: int = 10
+) -> dict[str, Any]:
+    """Median TFLOP/s of n^3 matrix products (random data) on ``device``: the yardstick for achieved TFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    synchronize(device)
+    samples = []
+    for _ in range(batches):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_batch):
+                torch.mm(a, b, out=out)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000 / per_batch
+        else:
+            started = time.perf_counter()
+            for _ in range(per_batch):
+                torch.mm(a, b, out=out)
+            seconds = (time.perf_counter() - started) / per_batch
+        samples.append(2 * n**3 / seconds / 1e12)
+    del a, b, out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "products_per_sample": per_batch,
+        "tflops_samples": [round(x, 2) for x in samples],
+        "tflops_median": statistics.median(samples),
+    }
+
+
+class ForwardProbe:
+    """Hooks on the transformer, beside the worker's own: the shapes of every forward (for the FLOP count) and, on
+    CUDA, events on the GPU timeline at the call's start, around every forward and at its end."""
+
+    def __init__(self, pipeline: Any, device: torch.device) -> None:
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        self.cuda = device.type == "cuda"
+        self.forwards: list[dict[str, Any]] = []
+        self.state: dict[str, Any] = {}
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+    def __enter__(self) -> "ForwardProbe":
+        self.start = self._mark()
+        self._hooks = [
+            self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.transformer.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = self._mark()
+        for hook in self._hooks:
+            hook.remove()
+
+    def _before(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if not self.forwards:
+            # What the worker set up for this job, read at the first forward (host-side only, no GPU sync).
+            scheduler = self.pipeline.scheduler.config
+            self.state = {
+                "lora_layers": sum(1 for m in self.transformer.modules() if hasattr(m, "lora_A")),
+                "adapters": list(getattr(self.transformer, "peft_config", None) or {}),
+                "scheduler": {k: scheduler.get(k) for k in ("base_shift", "max_shift", "shift_terminal")},
+            }
+        self.forwards.append(
+            {"image_tokens": int(hidden.shape[1]), "text_tokens": int(text.shape[1]), "batch": int(hidden.shape[0]),
+             "start": self._mark()}
+        )
+
+    def _after(self, *_args: Any) -> None:
+        self.forwards[-1]["end"] = self._mark()
+
+    def summary(self) -> dict[str, Any]:
+        if self.cuda:
+            self.end.synchronize()
+        forwards = [
+            {"image_tokens": f["image_tokens"], "text_tokens": f["text_tokens"], "batch": f["batch"],
+             "ms": self._elapsed_ms(f["start"], f["end"])}
+            for f in self.forwards
+        ]
+        out: dict[str, Any] = {"forwards": forwards, "clock": "cuda events" if self.cuda else "host perf_counter",
+                               "at_first_forward": self.state}
+        if self.forwards:
+            out["before_first_forward_ms"] = self._elapsed_ms(self.start, self.forwards[0]["start"])
+            out["denoise_ms"] = self._elapsed_ms(self.forwards[0]["start"], self.forwards[-1]["end"])
+            out["after_last_forward_ms"] = self._elapsed_ms(self.forwards[-1]["end"], self.end)
+            out["forward_ms_sum"] = sum(f["ms"] for f in forwards)
+        return out
+
+
+def request_for(mode: str, size: int, steps_quality: int, prompt: str, fast_lora: bool, warmup: bool) -> dict[str, Any]:
+    raw: dict[str, Any] = {"prompt": prompt, "width": size, "height": size, "seed": SEED}
+    if mode == "quality":
+        steps = min(steps_quality, WARMUP_STEPS) if warmup else steps_quality
+        raw.update(num_inference_steps=steps, true_cfg_scale=QUALITY_CFG)
+    elif fast_lora:
+        raw.update(go_fast=True)  # the worker's fast mode: Lightning scheduler + LoRA, 8 steps, no CFG
+    else:
+        raw.update(num_inference_steps=FAST_STEPS, true_cfg_scale=1.0)
+    return raw
+
+
+def one_run(runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any) -> dict[str, Any]:
+    from qwen_worker.pipelines import GenerationJob
+    from qwen_worker.schema import parse_request
+
+    request = parse_request(raw)
+    runner.check_request(request)
+    job = GenerationJob(request=request, width=size, height=size)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    with ForwardProbe(pipeline, device) as probe, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # random weights: NaNs in the decoded image are expected
+        generation = runner.generate(job)
+    synchronize(device)
+    wall_ms = (time.perf_counter() - started) * 1000
+    stages = dict(generation.timings_ms)
+    run = {
+        "steps": generation.num_inference_steps,
+        "true_cfg_scale": generation.true_cfg_scale,
+        "fast_mode": request.fast_mode.value,
+        "worker_stages_ms": stages,
+        "wall_ms": wall_ms,
+        "other_ms": wall_ms - sum(stages.get(k, 0.0) for k in ("encode_prompt", "denoise", "decode")),
+        "probe": probe.summary(),
+        "images": len(generation.images),
+    }
+    if device.type == "cuda":
+        run["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        run["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return run
+
+
+def run_case(
+    runner: Any, mode: str, size: int, args: argparse.Namespace, prompt: str, transformer_config: dict[str, Any],
+    pipeline: Any, device: torch.device, matmul_tflops: float, lora_rank: int,
+) -> dict[str, Any]:
+    fast_lora = mode == "fast" and args.fast_lora == "synthetic"
+    def raw(warmup: bool) -> dict[str, Any]:
+        return request_for(mode, size, args.steps_quality, prompt, fast_lora, warmup=warmup)
+
+    for _ in range(args.warmup):
+        one_run(runner, raw(warmup=True), size, device, pipeline)
+    runs = [one_run(runner, raw(warmup=False), size, device, pipeline) for _ in range(args.repeat)]
+    first = runs[0]
+    steps = first["steps"]
+    full_steps = QUALITY_STEPS if mode == "quality" else FAST_STEPS
+    rank = lora_rank if fast_lora else 0
+    forwards = first["probe"]["forwards"]
+    flops_forwards = [
+        transformer_forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank)["total"] * f["batch"]
+        for f in forwards
+    ]
+    denoise_flops = sum(flops_forwards)
+    lora_flops = sum(
+        transformer_forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank)["lora"] * f["batch"]
+        for f in forwards
+    )
+
+    def median(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    med = {
+        "encode_prompt_ms": median([r["worker_stages_ms"].get("encode_prompt") for r in runs]),
+        "denoise_ms": median([r["worker_stages_ms"].get("denoise") for r in runs]),
+        "decode_ms": median([r["worker_stages_ms"].get("decode") for r in runs]),
+        "other_ms": median([r["other_ms"] for r in runs]),
+        "wall_ms": median([r["wall_ms"] for r in runs]),
+        "denoise_probe_ms": median([r["probe"].get("denoise_ms") for r in runs]),
+        "forward_ms_sum": median([r["probe"].get("forward_ms_sum") for r in runs]),
+        "peak_allocated_bytes": median([r.get("peak_allocated_bytes") for r in runs]),
+    }
+    # Achieved rate over the denoise span on the GPU timeline (CUDA) or the host clock (CPU).
+    denoise_ms = med["denoise_probe_ms"] or med["denoise_ms"]
+    achieved = denoise_flops / (denoise_ms / 1000) / 1e12 if denoise_ms else None
+    forward_rate = denoise_flops / (med["forward_ms_sum"] / 1000) / 1e12 if med["forward_ms_sum"] else None
+    text_tokens = sorted({f["text_tokens"] for f in forwards})
+    result: dict[str, Any] = {
+        "mode": mode,
+        "size": [size, size],
+        "fast_mode": first["fast_mode"],
+        "lora": {"rank": rank, "synthetic": True} if fast_lora else None,
+        "true_cfg_scale": first["true_cfg_scale"],
+        "steps_timed": steps,
+        "steps_full": full_steps,
+        "forwards": len(forwards),
+        "forwards_per_step": len(forwards) / steps if steps else None,
+        "image_tokens": forwards[0]["image_tokens"] if forwards else None,
+        "text_tokens_seen": text_tokens,
+        "flops": {"denoise": denoise_flops, "per_step": denoise_flops / steps if steps else None, "lora": lora_flops},
+        "median": med,
+        "per_step_ms": denoise_ms / steps if denoise_ms and steps else None,
+        "achieved_tflops": achieved,
+        "achieved_tflops_forwards_only": forward_rate,
+        "fraction_of_matmul_peak": achieved / matmul_tflops if achieved and matmul_tflops else None,
+        "warmup_runs": args.warmup,
+        "runs": runs,
+    }
+    if steps < full_steps and denoise_ms:
+        # Extrapolated, not measured: per-step time of the steps that ran, times the full step count.
+        est_denoise = denoise_ms / steps * full_steps
+        result["extrapolated_full_run"] = {
+            "label": f"EXTRAPOLATED from {steps} timed steps to {full_steps} (not measured)",
+            "steps": full_steps,
+            "denoise_ms": est_denoise,
+            "wall_ms": med["wall_ms"] - denoise_ms + est_denoise,
+            "flops": denoise_flops / steps * full_steps,
+        }
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    if value is None:
+        return "-"
+    if spec == "rate":  # TFLOP/s and percentages: a tiny CPU run gives values far below 1
+        return format(value, ".1f") if abs(value) >= 10 else format(value, ".3g")
+    return format(value, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    peak = report["matmul_peak"]
+    header = (
+        f"{'mode':<11} {'size':>9} {'steps':>7} {'encode':>8} {'denoise':>9} {'den.GPU':>9} {'ms/step':>8} "
+        f"{'decode':>8} {'other':>7} {'total':>9} {'full run':>10} {'peak GiB':>8} {'TFLOP/s':>8} {'% peak':>7}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    extrapolated = False
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['mode']:<11} {r['size'][0]:>4}x{r['size'][1]:<4} FAILED: {r['error'][:150]}")
+            continue
+        m = r["median"]
+        steps = f"{r['steps_timed']}/{r['steps_full']}"
+        full = r.get("extrapolated_full_run")
+        full_ms = f"{full['wall_ms']:.0f}*" if full else f"{m['wall_ms']:.0f}"
+        extrapolated |= bool(full)
+        peak_gib = m["peak_allocated_bytes"] / GIB if m["peak_allocated_bytes"] is not None else None
+        frac = r["fraction_of_matmul_peak"] * 100 if r["fraction_of_matmul_peak"] is not None else None
+        name = r["mode"] + ("" if r["mode"] != "fast" or r["lora"] else "-nolora")
+        print(
+            f"{name:<11} {r['size'][0]:>4}x{r['size'][1]:<4} {steps:>7} {_fmt(m['encode_prompt_ms']):>8} "
+            f"{_fmt(m['denoise_ms']):>9} {_fmt(m['denoise_probe_ms']):>9} {_fmt(r['per_step_ms'], '.1f'):>8} "
+            f"{_fmt(m['decode_ms']):>8} {_fmt(m['other_ms']):>7} {_fmt(m['wall_ms']):>9} {full_ms:>10} "
+            f"{_fmt(peak_gib, '.1f'):>8} {_fmt(r['achieved_tflops'], 'rate'):>8} {_fmt(frac, 'rate'):>7}"
+        )
+    print()
+    print("ms; medians of", report["settings"]["repeat"], "run(s) after", report["settings"]["warmup"], "warm-up(s). "
+          "encode/denoise/decode: the worker's own _StageClock (host clock); den.GPU: first to last transformer "
+          "forward on the GPU timeline"
+          + (" (CUDA events)" if report["device"]["type"] == "cuda" else " (host clock here)")
+          + "; other: LoRA load/unload, scheduler swap, the rest of generate().")
+    print(f"TFLOP/s: analytic transformer FLOPs of every forward that ran / den.GPU; % peak: of the measured "
+          f"{peak['dtype']} matmul peak {_fmt(peak['tflops_median'], 'rate')} TFLOP/s ({peak['n']}^3, median of "
+          f"{len(peak['tflops_samples'])}x{peak['products_per_sample']}).")
+    if extrapolated:
+        print("* full run EXTRAPOLATED from the timed steps' per-step time, not measured.")
+    print(f"measured with: {report['measured_with']}")
+    if report.get("tiny"):
+        print("TINY random models on", report["device"]["type"],
+              "- these numbers say nothing about Qwen-Image's speed.")
+    for note in report["notes"]:
+        print("note:", note)
+
+
+def measured_with(ver: dict[str, Any], dev: dict[str, Any]) -> str:
+    gpu = dev.get("name", dev["type"])
+    extra = f", driver {dev['driver']}" if dev.get("driver") else ""
+    cuda = f", CUDA {ver['torch_cuda']}" if ver.get("torch_cuda") and dev["type"] == "cuda" else ""
+    return (
+        f"torch {ver['torch']}, diffusers {ver['diffusers']}, transformers {ver['transformers']}, peft {ver['peft']}, "
+        f"accelerate {ver['accelerate']}, python {ver['python']} on {gpu}{extra}{cuda}"
+    )
+
+
+def write_json(report: dict[str, Any], path: Path, quiet: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    staging.replace(path)
+    if not quiet:
+        print(f"JSON: {path}")
+
+
+# --------------------------------------------------------------------------------------------------------- modes
+
+
+def describe(args: argparse.Namespace) -> dict[str, Any]:
+    """Parameter counts of the components built on the meta device, and the analytic FLOPs per step at each size."""
+    tokenizer = tiny_tokenizer()
+    configs = load_configs(args.tiny, tokenizer)
+    pipeline, info = build_pipeline(configs, tokenizer, None, torch.bfloat16)
+    cfg = configs["transformer"]
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    negative = embeddings_length(pipeline, " ")
+    sizes = args.sizes or (TINY_SIZES if args.tiny else DEFAULT_SIZES)
+    rank = args.lora_rank or (TINY_LORA_RANK if args.tiny else LIGHTNING_RANK)
+    rows = []
+    for size in sizes:
+        image_tokens = (size // 16) * (size // 16)
+        cond = transformer_forward_flops(cfg, image_tokens, args.text_tokens)
+        uncond = transformer_forward_flops(cfg, image_tokens, negative)
+        fast_lora = transformer_forward_flops(cfg, image_tokens, args.text_tokens, rank)
+        rows.append({
+            "size": [size, size],
+            "image_tokens": image_tokens,
+            "text_tokens_cond": args.text_tokens,
+            "text_tokens_uncond": negative,
+            "forward_flops_cond": cond["total"],
+            "forward_breakdown_cond": cond,
+            "quality_step_flops": cond["total"] + uncond["total"],
+            "fast_step_flops": cond["total"],
+            "fast_step_flops_with_lora": fast_lora["total"],
+            "quality_run_flops": QUALITY_STEPS * (cond["total"] + uncond["total"]),
+            "fast_run_flops": FAST_STEPS * cond["total"],
+        })
+    analytic = analytic_transformer_params(cfg)
+    counted = info["transformer"]["parameters"]
+    report = {
+        "describe": {
+            "tiny": args.tiny,
+            "configs": "builder/tiny_models.py" if args.tiny else str(CONFIG_DIR.relative_to(ROOT)),
+            "components": {k: {"class": v["class"], "parameters": v["parameters"]} for k, v in info.items()},
+            "active_params_per_token": 12 * width**2 * cfg["num_layers"],
+            "formula_params": analytic,
+            "formula_params_fraction": analytic / counted,
+            "lora_rank": rank,
+            "flops": rows,
+        },
+        "versions": versions(),
+    }
+    print("Components built on the meta device (no weights, no memory) from",
+          report["describe"]["configs"])
+    for kind, v in info.items():
+        print(f"  {kind:<13} {v['class']:<38} {v['parameters'] / 1e9:8.3f} B parameters")
+    print(f"  transformer weights per token (12*D^2*L): {report['describe']['active_params_per_token'] / 1e9:.2f} B; "
+          f"the FLOP formula's weights cover {analytic / counted * 100:.2f} % of the counted parameters")
+    print(f"Analytic transformer FLOPs (prompt embeddings: {args.text_tokens} tokens; negative ' ': {negative}):")
+    print(f"  {'size':>9} {'img tok':>8} {'fwd (cond)':>11} {'quality/step':>13} {'fast/step':>10} "
+          f"{'fast+LoRA r' + str(rank):>14} {'quality x50':>12} {'fast x8':>10}")
+    for row in rows:
+        print(
+            f"  {row['size'][0]:>4}x{row['size'][1]:<4} {row['image_tokens']:>8} {row['forward_flops_cond']:>11.3e} "
+            f"{row['quality_step_flops']:>13.3e} {row['fast_step_flops']:>10.3e} "
+            f"{row['fast_step_flops_with_lora']:>14.3e} "
+            f"{row['quality_run_flops']:>12.3e} {row['fast_run_flops']:>10.3e}"
+        )
+    print("  (quality: two forwards per step, true CFG; fast: one; FLOP = 2 per multiply-add; "
+          "see the module docstring)")
+    return report
+
+
+def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
+    """Build, time every (size, mode) case and return the report; the JSON is rewritten after each case, so a run
+    cut short (a device call's time limit) still leaves the cases it finished."""
+    notes: list[str] = []
+    stub = _ensure_runpod_importable()  # before the worker's modules are imported
+    if stub:
+        notes.append(stub)
+    from qwen_worker.models import ResolvedModel
+    from qwen_worker.pipelines import LightningFiles, LoadedPipeline, PipelineRunner
+    from qwen_worker.schema import Task
+
+    device = torch.device(args.device)
+    if args.dtype == "auto":  # the worker's own choice (pipelines.dtype_for): bf16 on CUDA, float32 on a CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        notes.append("tiny models (builder/tiny_models.py configs): a logic check, not a measurement of Qwen-Image")
+    notes.append("tokenizer: builder/tiny_models.py's (token ids differ from Qwen2.5-VL's; the template, dropped "
+                 "prefix and sequence lengths behave the same, and the lengths seen are recorded per forward)")
+    notes.append("weights: random (normal 0.02, zero biases, unit norms) made on the device; load_pipeline's "
+                 "from_pretrained is not timed (there are no checkpoint files)")
+
+    dev = device_info(device)
+    ver = versions()
+    lora_rank = args.lora_rank or (TINY_LORA_RANK if args.tiny else LIGHTNING_RANK)
+    report: dict[str, Any] = {
+        "schema": "qwen-worker gpu_bench 1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "tiny": args.tiny,
+        "device": dev,
+        "versions": ver,
+        "measured_with": measured_with(ver, dev),
+        "git": git_state(),
+        "settings": {
+            "sizes": args.sizes, "modes": args.modes, "steps_quality": args.steps_quality, "quality_cfg": QUALITY_CFG,
+            "fast_steps": FAST_STEPS, "fast_lora": args.fast_lora, "lora_rank": lora_rank, "warmup": args.warmup,
+            "repeat": args.repeat, "text_tokens": args.text_tokens, "dtype": str(dtype).removeprefix("torch."),
+            "seed": SEED, "argv": sys.argv[1:],
+        },
+        "matmul_peak": None,
+        "components": None,
+        "build_seconds": None,
+        "weights_allocated_bytes": None,
+        "lora": None,
+        "results": [],
+        "notes": notes,
+    }
+    print(f"device: {dev.get('name')} | {report['measured_with']}", flush=True)
+
+    peak = matmul_peak(device, dtype, TINY_MATMUL_N if args.tiny else MATMUL_N)
+    report["matmul_peak"] = peak
+    print(f"matmul peak: {_fmt(peak['tflops_median'], 'rate')} TFLOP/s ({peak['dtype']}, {peak['n']}^3)", flush=True)
+    write_json(report, json_path, quiet=True)
+
+    tokenizer = tiny_tokenizer()
+    configs = load_configs(args.tiny, tokenizer)
+    started = time.perf_counter()
+    pipeline, info = build_pipeline(configs, tokenizer, device, dtype)
+    synchronize(device)
+    report["build_seconds"] = build_seconds = time.perf_counter() - started
+    report["components"] = info
+    report["weights_allocated_bytes"] = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    print(f"built transformer {info['transformer']['parameters'] / 1e9:.3f} B, text encoder "
+          f"{info['text_encoder']['parameters'] / 1e9:.3f} B, VAE {info['vae']['parameters'] / 1e9:.3f} B parameters "
+          f"on {device} in {build_seconds:.1f} s", flush=True)
+
+    lora_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-lora-"))
+    try:
+        lightning = LightningFiles()
+        if "fast" in args.modes and args.fast_lora == "synthetic":
+            lora_path = lora_dir / "synthetic-lightning-8step.safetensors"
+            report["lora"] = write_synthetic_lightning_lora(lora_path, pipeline.transformer, lora_rank, device, dtype)
+            lightning = LightningFiles(eight_step=lora_path)
+            notes.append(f"fast mode: a SYNTHETIC Lightning-layout LoRA (rank {lora_rank}, random weights, "
+                         f"{report['lora']['bytes'] / 1e6:.0f} MB) loaded per job by the worker, as go_fast does")
+
+        model = ResolvedModel(
+            model_id="synthetic Qwen/Qwen-Image (random weights)",
+            path=CONFIG_DIR,
+            revision=None,
+            source="bench/gpu_bench.py",
+            pipeline_class="QwenImagePipeline",
+        )
+        loaded = LoadedPipeline(
+            model=model, pipeline=pipeline, task=Task.TEXT_TO_IMAGE, accepts_multiple_images=False,
+            load_seconds=build_seconds, lightning=lightning,
+        )
+        runner = PipelineRunner([loaded], device)
+        prompt = prompt_for(pipeline, args.text_tokens)
+
+        for size in args.sizes:
+            for mode in args.modes:
+                print(f"running {mode} at {size}x{size} ...", flush=True)
+                try:
+                    result = run_case(runner, mode, size, args, prompt, configs["transformer"], pipeline, device,
+                                      peak["tflops_median"], lora_rank)
+                    print(f"  wall {result['median']['wall_ms']:.0f} ms, denoise {result['median']['denoise_ms']:.0f} "
+                          f"ms, {_fmt(result['achieved_tflops'], 'rate')} TFLOP/s", flush=True)
+                except Exception as err:  # one failed case (out of memory, say) must not lose the others
+                    result = {"mode": mode, "size": [size, size], "error": f"{type(err).__name__}: {err}"}
+                    print(f"  FAILED: {result['error']}", flush=True)
+                report["results"].append(result)
+                write_json(report, json_path, quiet=True)
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)
+    report["complete"] = True
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.replace(",", " ").split()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=_int_list,
+                        help="square sides, e.g. 1024 1328 (default) or 1024,1328")
+    parser.add_argument("--modes", nargs="+", default=None, help="quality and/or fast (default both; commas allowed)")
+    parser.add_argument("--steps-quality", type=int, default=QUALITY_STEPS,
+                        help="quality-mode steps to time (default 50); fewer are extrapolated to 50, clearly labelled")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs per case first (quality warm-ups run 2 steps)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per case (medians reported)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the report here (default $TMPDIR/qwen-bench/gpu_bench.json)")
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu with --tiny")
+    parser.add_argument("--tiny", action="store_true", help="builder/tiny_models.py's tiny configs: a logic check")
+    parser.add_argument("--describe", action="store_true",
+                        help="build the models on the meta device only: parameter counts and FLOPs per step, no GPU")
+    parser.add_argument("--fast-lora", choices=("synthetic", "none"), default="synthetic",
+                        help="fast mode with a synthetic Lightning-layout LoRA (the worker's go_fast), "
+                        "or 8 plain steps")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help=f"synthetic LoRA rank (default {LIGHTNING_RANK}; tiny {TINY_LORA_RANK})")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="weights and matmul-peak dtype (auto: bf16 on CUDA, float32 on a CPU, as the worker)")
+    parser.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                        help=f"prompt embeddings the transformer reads (default {DEFAULT_TEXT_TOKENS})")
+    args = parser.parse_args(argv)
+    args.sizes = [size for group in args.sizes for size in group] if args.sizes else None
+    modes = [m for group in (args.modes or MODES) for m in group.replace(",", " ").split()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+    args.modes = modes
+    if args.steps_quality < 1 or args.warmup < 0 or args.repeat < 1:
+        parser.error("--steps-quality and --repeat must be >= 1, --warmup >= 0")
+    if args.describe:
+        return args
+    if not args.sizes:
+        args.sizes = list(TINY_SIZES if args.tiny else DEFAULT_SIZES)
+    for size in args.sizes:
+        if size % 16 or not 256 <= size <= 2048:
+            parser.error(f"size {size}: sides must be multiples of 16 from 256 to 2048 (the worker's rule)")
+    if args.device.startswith("cpu") and not args.tiny:
+        parser.error("--device cpu is allowed only with --tiny (the full-size models need a GPU)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible: run on the lent GPU, or use --tiny --device cpu / --describe here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = "gpu_bench_describe.json" if args.describe else "gpu_bench.json"
+    default = Path(tempfile.gettempdir()) / "qwen-bench" / name
+    json_path = args.json or default
+    if args.describe:
+        report = describe(args)
+    else:
+        report = bench(args, json_path)
+        print_table(report)
+    write_json(report, json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
