@@ -21,10 +21,12 @@ from .config import Settings
 from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
 from .loras import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, load_image
-from .pipelines import GenerationJob, PipelineRunner, ProgressCallback
+from .pipelines import Generation, GenerationJob, PipelineRunner, ProgressCallback
 from .pricing import cost_of
 from .safety import SafetyChecker
-from .schema import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, GenerationDefaults, Request, Task, check_dimensions, parse_request
+from .schema import (
+    MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, FastMode, GenerationDefaults, Request, Task, check_dimensions, parse_request,
+)
 from .sizes import edit_output_size
 from .storage import InlineStore, ResultStore
 
@@ -125,37 +127,61 @@ class Worker:
             GenerationJob(request, plan.width, plan.height, inputs, loras), self.progress(job)
         )
         timings.update(generation.timings_ms)
-
-        flags: list[bool] | None = None
-        if self.safety.applies_to(request):
-            with _timed(timings, "safety"):
-                flags = self.safety.checker.check(generation.images)  # type: ignore[union-attr]
-            if all(flags):
-                raise ContentFlaggedError(
-                    FLAGGED_MESSAGE if len(flags) == 1 else f"all {len(flags)} generated images were flagged by the safety checker"
-                )
-        seeds = request.seeds
-        kept = [(seed, image) for seed, image, flagged in zip(seeds, generation.images, flags or [False] * len(seeds)) if not flagged]
-
+        with _timed(timings, "safety"):
+            delivered, flags = self._screen(request, generation)
         with _timed(timings, "encode_image"):
             encoded = [
                 encode_image(_resized(image, plan.delivered), request.output_format, request.output_quality)
-                for _, image in kept
+                for _, image in delivered
             ]
         with _timed(timings, "upload"):
             urls, warning = self._store(job_id, encoded, inline=request.sync_mode)
 
-        first = encoded[0]
+        result = self._result(request, generation, [seed for seed, _ in delivered], encoded, urls, flags, timings)
+        if warning:
+            result["warning"] = warning
+        log.info(
+            "job %s: %s %dx%d x%d seed=%d steps=%d timings_ms=%s",
+            job_id, request.task.value, encoded[0].width, encoded[0].height, len(encoded), request.seed,
+            generation.num_inference_steps, result["timings"],
+        )
+        return result
+
+    def _screen(self, request: Request, generation: Generation) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
+        """The (seed, image) pairs that may be delivered, and the per-image flags when the checker ran.
+
+        Flagged images are dropped here, before encoding, so they are never stored or returned."""
+        pairs = list(zip(request.seeds, generation.images))
+        if not self.safety.applies_to(request):
+            return pairs, None
+        flags = self.safety.checker.check(generation.images)  # type: ignore[union-attr]
+        if all(flags):
+            raise ContentFlaggedError(
+                FLAGGED_MESSAGE if len(flags) == 1 else f"all {len(flags)} generated images were flagged by the safety checker"
+            )
+        return [pair for pair, flagged in zip(pairs, flags) if not flagged], flags
+
+    def _result(
+        self,
+        request: Request,
+        generation: Generation,
+        seeds: list[int],
+        encoded: list[EncodedImage],
+        urls: list[str],
+        flags: list[bool] | None,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """Runpod's {image_url, cost}, then what the other hosts return (images, seeds, sizes, flags, timings)."""
         result: dict[str, Any] = {
             "image_url": urls[0],
             "cost": cost_of(((image.width, image.height) for image in encoded), self.settings.price_per_megapixel),
             "images": [
                 {"url": url, "seed": seed, "width": image.width, "height": image.height, "content_type": image.format.mime_type}
-                for url, (seed, _), image in zip(urls, kept, encoded)
+                for url, seed, image in zip(urls, seeds, encoded)
             ],
-            "seed": kept[0][0],
-            "width": first.width,
-            "height": first.height,
+            "seed": seeds[0],
+            "width": encoded[0].width,
+            "height": encoded[0].height,
             "num_inference_steps": generation.num_inference_steps,
             "true_cfg_scale": generation.true_cfg_scale,
             "safety_checker": self.safety.describe(request),
@@ -166,20 +192,13 @@ class Worker:
             result["has_nsfw_concepts"] = flags
         if request.enhance_prompt:
             result["prompt"] = request.effective_prompt
-        if request.fast_mode.value != "none":
+        if request.fast_mode is not FastMode.NONE:
             result["acceleration"] = request.fast_mode.value
         notes = list(request.notes) + generation.notes
         if flags is not None and any(flags):
             notes.append(f"{sum(flags)} of {len(flags)} images were flagged by the safety checker and not delivered")
         if notes:
             result["notes"] = notes
-        if warning:
-            result["warning"] = warning
-        log.info(
-            "job %s: %s %dx%d x%d seed=%d steps=%d timings_ms=%s",
-            job_id, request.task.value, first.width, first.height, len(encoded), request.seed,
-            generation.num_inference_steps, result["timings"],
-        )
         return result
 
     def _fetch_inputs(self, request: Request) -> list[Image.Image]:
