@@ -121,3 +121,16 @@ def test_task_not_served_and_multi_image_needs_edit_plus(tiny_models):
 def test_overlong_prompt_is_noted(worker):
     result = worker.handle({"id": "long", "input": t2i(prompt="word " * 700)})
     assert any("the text encoder reads only the first 512" in note for note in result["notes"])
+
+
+def test_a_single_step_gives_a_real_image_and_leaves_the_scheduler_alone(worker):
+    import numpy as np
+
+    from worker_api import decode_data_uri, open_image
+
+    pipeline = worker.runner.pipeline_for(Task.TEXT_TO_IMAGE).pipeline
+    scheduler = pipeline.scheduler
+    result = worker.handle({"id": "one", "input": t2i(num_inference_steps=1)})
+    pixels = np.asarray(open_image(decode_data_uri(result["image_url"])[1]))
+    assert pixels.max() > 0 and pixels.std() > 0  # not the all-black image a division by zero gives
+    assert pipeline.scheduler is scheduler and scheduler.config["shift_terminal"] == 0.02

@@ -333,7 +333,7 @@ class PipelineRunner:
             loras.insert(0, (lightning, 1.0))
         stages = _StageClock(pipeline.transformer)
         try:
-            with self._scheduler_for(loaded, request.fast_mode), applied_loras(pipeline, loras), stages:
+            with self._scheduler_for(loaded, request), applied_loras(pipeline, loras), stages:
                 with torch.inference_mode():
                     output = pipeline(**call)
         except torch.OutOfMemoryError:
@@ -364,14 +364,20 @@ class PipelineRunner:
         )
 
     @contextmanager
-    def _scheduler_for(self, loaded: LoadedPipeline, mode: FastMode) -> Iterator[None]:
-        """Swap in the Lightning scheduler for a fast-mode job and always put the original back."""
-        if mode is FastMode.NONE:
-            yield
-            return
+    def _scheduler_for(self, loaded: LoadedPipeline, request: Request) -> Iterator[None]:
+        """Swap in a job-specific scheduler when one is needed, and always put the original back."""
         pipeline = loaded.pipeline
         original = pipeline.scheduler
-        pipeline.scheduler = type(original).from_config({**original.config, **LIGHTNING_SCHEDULER_OVERRIDES})
+        overrides: dict[str, Any] = {}
+        if request.fast_mode is not FastMode.NONE:
+            overrides.update(LIGHTNING_SCHEDULER_OVERRIDES)
+        if request.num_inference_steps == 1 and original.config.get("shift_terminal"):
+            # Stretching the schedule to a terminal shift divides by zero with a single step (a black image).
+            overrides["shift_terminal"] = None
+        if not overrides:
+            yield
+            return
+        pipeline.scheduler = type(original).from_config({**original.config, **overrides})
         try:
             yield
         finally:
