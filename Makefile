@@ -25,6 +25,7 @@ models: $(MODELS)/.built
 # Text-to-image on test_input.json with the tiny random-weight pipeline, in runpod's local test mode.
 demo: $(MODELS)/.built
 	HF_HUB_OFFLINE=1 QWEN_IMAGE_MODEL=$(MODELS)/qwen-image QWEN_IMAGE_EDIT_MODEL=$(MODELS)/qwen-image-edit \
+		SAFETY_CHECKER_MODEL=$(MODELS)/safety-checker \
 		DEFAULT_STEPS=2 LOCAL_OUTPUT_DIR=outputs $(PY) handler.py
 	@echo "demo image(s) in outputs/:"; ls -1t outputs | head -n 3
 
@@ -35,6 +36,17 @@ s3-server:
 
 test: $(VENV)/.installed s3-server
 	$(PY) -m pytest
+
+# Everything around the model for a 1 MP result (validate, encode, upload to a local S3 server it starts itself,
+# respond) beside a naive baseline, then an encoder-settings sweep. A benchmark, not a test: see docs/PERFORMANCE.md.
+bench: $(VENV)/.installed s3-server
+	$(PY) bench/worker_overhead.py $(BENCH_ARGS)
+
+# The soak (tests/test_soak.py): 300+ mixed jobs through one worker, every response checked and RSS growth bounded.
+# A few minutes on 2 cores, so `make test` leaves it out (pyproject's -m "not soak").
+.PHONY: soak
+soak: $(VENV)/.installed s3-server
+	$(PY) -m pytest -m soak -s
 
 clean:
 	rm -rf $(VENV) models outputs .pytest_cache

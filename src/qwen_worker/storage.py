@@ -12,6 +12,7 @@ Stores know nothing of diffusers or of the request beyond the job id.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -74,8 +75,13 @@ class LocalDirectoryStore:
             for index, image in enumerate(images):
                 path = self.directory / f"{safe_job_id(job_id)}-{stamp}-{index}.{image.format.extension}"
                 partial = path.with_suffix(path.suffix + ".partial")
-                partial.write_bytes(image.data)
-                partial.replace(path)  # never leave a half-written file under the final name
+                try:
+                    partial.write_bytes(image.data)
+                    partial.replace(path)  # never leave a half-written file under the final name
+                except BaseException:  # a full disk, or an interrupt mid-write: nor under the .partial name
+                    with contextlib.suppress(OSError):
+                        partial.unlink(missing_ok=True)
+                    raise
                 urls.append(path.as_uri())
             return urls
         except OSError as err:
