@@ -82,7 +82,7 @@ def test_unexpected_error_is_generic_and_carries_no_traceback(worker, monkeypatc
     assert "image_url" in worker.handle({"id": "after-bug", "input": t2i()})
 
 
-@pytest.mark.parametrize("job", [None, "text", {"id": 5}, {"input": None}, {"input": []}])
+@pytest.mark.parametrize("job", [None, "text", {"id": 5}, {"id": 10**5000, "input": {}}, {"input": None}, {"input": []}])
 def test_malformed_jobs_fail_as_strings(worker, job):
     result = worker.handle(job)
     assert set(result) == {"error"} and isinstance(result["error"], str)

@@ -180,7 +180,8 @@ class LoraStore:
     # ------------------------------------------------------------------------------------------------- URLs
 
     def _from_url(self, url: str, field: str) -> Path:
-        key = hashlib.sha256(url.encode("utf-8")).hexdigest()
+        # surrogatepass: a malformed URL must reach the download guard and be refused there, not crash the hash.
+        key = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
         target = self.cache_dir / f"{key}{LORA_SUFFIX}"
         sidecar = self.cache_dir / f"{key}.json"
         with self._lock:

@@ -29,9 +29,10 @@ DashScope, Oxen/eachlabs). The README's parameter table documents every field; k
     watermark                               boolean           false              DashScope: only false is supported
     dry_run                                 boolean           false              validate and quote; nothing is generated
 
-Types are strict: an integer must be a JSON integer (not "12", 1.0 or true) and a boolean a JSON boolean. A field the
-worker does not know fails the request, naming it, so that a typo never passes silently. Aliases of one field must
-agree when several are given; two size forms at once are refused.
+Types are strict: an integer must be a JSON integer (not "12", 1.0 or true) and a boolean a JSON boolean; strings must
+be valid Unicode (an unpaired surrogate escape such as "\\ud800" is refused). A field the worker does not know fails
+the request, naming it, so that a typo never passes silently. Aliases of one field must agree when several are given;
+two size forms at once are refused.
 """
 
 from __future__ import annotations
@@ -239,10 +240,13 @@ def parse_size(value: Any) -> tuple[int, int]:
 
 def check_dimensions(width: int, height: int, *, field: str) -> None:
     for side_name, side in (("width", width), ("height", height)):
+        # _preview, not str(): str() of a JSON integer like 10**5000 raises ValueError (past 4300 digits), which
+        # escaped as an internal error instead of naming the field.
         if not MIN_SIDE <= side <= MAX_SIDE:
-            raise ValidationError(field, f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {side}")
+            rule = f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {_preview(side)}"
+            raise ValidationError(field, rule)
         if side % SIDE_MULTIPLE:
-            raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {side}")
+            raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {_preview(side)}")
 
 
 def mostly_cjk(text: str) -> bool:
@@ -328,6 +332,8 @@ def _image_urls(fields: "_Fields") -> tuple[str, ...]:
             raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {_json_type(item)}")
         if len(item) > MAX_URL_CHARS:
             raise ValidationError(f"images[{index}]", f"must be at most {MAX_URL_CHARS} characters")
+        if _has_lone_surrogate(item):
+            raise ValidationError(f"images[{index}]", _LONE_SURROGATE_RULE)
     return tuple(images)
 
 
@@ -457,6 +463,8 @@ class _Fields:
             raise ValidationError(field, "must not be empty")
         if len(value) > max_chars:
             raise ValidationError(field, f"must be at most {max_chars} characters, got {len(value)}")
+        if _has_lone_surrogate(value):
+            raise ValidationError(field, _LONE_SURROGATE_RULE)
         return value
 
     def integer(
@@ -514,6 +522,17 @@ class _Fields:
         return given[0][1] if given else kwargs["default"]
 
 
+# JSON may carry "\ud800" escapes, which decode to unpaired surrogates: not text any UTF-8 consumer accepts. Left
+# in, they failed far from the field, as internal errors: the pipeline's tokenizer raises TypeError on the prompt,
+# and the LoRA cache's sha256 of the URL (or the file system, for a path) raises UnicodeEncodeError.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_LONE_SURROGATE_RULE = "must be valid Unicode text (it contains an unpaired surrogate such as \\ud800)"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -536,5 +555,10 @@ def _preview(value: Any, limit: int = 40) -> str:
     """A short, safe rendering of user input for an error message (never echo a whole payload back)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
         return f"an integer of {value.bit_length()} bits"  # repr() of a huge int is slow, and refused past 4300 digits
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:
+        # Such an integer inside an array or object ([10**5000]) made repr() raise, and the request failed as an
+        # internal error instead of naming the field.
+        return _json_type(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -90,7 +90,9 @@ class Worker:
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
         job = job if isinstance(job, Mapping) else {}
-        job_id = str(job.get("id") or "job")
+        raw_id = job.get("id")
+        # Runpod's ids are strings; anything else (even a huge integer) must not crash the handler before its try.
+        job_id = raw_id[:128] if isinstance(raw_id, str) and raw_id else "job"
         started = time.perf_counter()
         try:
             result = self._run(job, job_id)
@@ -214,21 +216,18 @@ class Worker:
         assert request.task is Task.EDIT and inputs
         last = inputs[-1]  # Edit-Plus follows the last reference image, as the model does
         field = "images" if len(inputs) > 1 else "image"
-        if request.match_input_size:
-            # Render near the input's own size when the model can, then resize to the exact input dimensions.
-            if _in_range(last.width, last.height):
-                width, height = _nearest_allowed(last.width), _nearest_allowed(last.height)
-            else:
-                width, height = edit_output_size(last.width, last.height)
-            return OutputPlan(width, height, last.size)
-        width, height = edit_output_size(last.width, last.height)
-        try:
-            check_dimensions(width, height, field=field)
-        except ValidationError:
-            raise ValidationError(
-                field, f"has an aspect ratio too extreme for the model ({last.width}x{last.height}); give a size"
-            ) from None
-        return OutputPlan(width, height, (width, height))
+        if request.match_input_size and _in_range(last.width, last.height):
+            # Render near the input's own size, then resize to its exact dimensions.
+            width, height = _nearest_allowed(last.width), _nearest_allowed(last.height)
+        else:
+            width, height = edit_output_size(last.width, last.height)  # ~1 MP at the input's aspect, as the model does
+            try:
+                check_dimensions(width, height, field=field)
+            except ValidationError:
+                raise ValidationError(
+                    field, f"has an aspect ratio too extreme for the model ({last.width}x{last.height}); give a size"
+                ) from None
+        return OutputPlan(width, height, last.size if request.match_input_size else (width, height))
 
     def _quote(self, request: Request, plan: OutputPlan) -> dict[str, Any]:
         """A dry run: what the job would produce and cost, with nothing generated."""
