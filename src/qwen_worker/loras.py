@@ -54,10 +54,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
-from runpod.serverless.utils import rp_ssrf
 from safetensors import safe_open
 
+from .downloads import DownloadError, download, host_of
 from .errors import LoraError
 from .schema import LoraRequest  # one loras[i] entry: path and scale (range checked by the schema)
 
@@ -203,51 +202,25 @@ class LoraStore:
             return False
 
     def _download(self, url: str, key: str, target: Path, sidecar: Path, field: str) -> None:
-        host = _host(url)
+        host = host_of(url)
         started = time.perf_counter()
-        try:
-            response = rp_ssrf.safe_get(
-                url,
-                stream=True,
-                timeout=self.timeout_seconds,
-                max_bytes=self.max_file_bytes,
-                headers={"Accept": "application/octet-stream, */*"},
-            )
-        except rp_ssrf.SSRFError as err:
-            raise LoraError(field, self._ssrf_reason(err, host)) from None
-        except requests.Timeout:
-            raise LoraError(field, f"timed out after {self.timeout_seconds:g} s connecting to {host}") from None
-        except requests.ConnectionError:
-            raise LoraError(field, f"could not connect to {host}") from None
-        except (requests.RequestException, ValueError) as err:  # ValueError: e.g. a malformed port
-            raise LoraError(field, f"the download from {host} failed ({type(err).__name__})") from None
-
         digest = hashlib.sha256()
         size = 0
         temporary: Path | None = None
         try:
-            with response:
-                if response.status_code != 200:
-                    raise LoraError(field, f"{host} answered HTTP {response.status_code}")
+            with download(
+                url, max_bytes=self.max_file_bytes, timeout=self.timeout_seconds, accept="application/octet-stream, */*"
+            ) as chunks:
                 # Written beside the target and renamed into place: a crash or a refused download never leaves a
                 # partial file under the name a later job would trust.
                 with tempfile.NamedTemporaryFile(
                     dir=self.cache_dir, prefix=".download-", suffix=LORA_SUFFIX, delete=False
                 ) as handle:
                     temporary = Path(handle.name)
-                    try:
-                        for chunk in rp_ssrf.iter_content_capped(response, _CHUNK_BYTES, self.max_file_bytes):
-                            handle.write(chunk)
-                            digest.update(chunk)
-                            size += len(chunk)
-                    except rp_ssrf.SSRFError as err:
-                        raise LoraError(field, self._ssrf_reason(err, host)) from None
-                    except requests.Timeout:
-                        reason = f"timed out after {self.timeout_seconds:g} s reading from {host}"
-                        raise LoraError(field, reason) from None
-                    except requests.RequestException as err:
-                        reason = f"the download from {host} broke off ({type(err).__name__})"
-                        raise LoraError(field, reason) from None
+                    for chunk in chunks:
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
             # Checked before it enters the cache, so the cache only ever holds usable safetensors files.
             verify_safetensors(temporary, field, source=f"the file downloaded from {host}")
             os.replace(temporary, target)
@@ -259,6 +232,9 @@ class LoraStore:
                 "downloaded_at": int(time.time()),
             }
             _write_atomically(sidecar, json.dumps(record, indent=2) + "\n")
+        except DownloadError as err:
+            too_large = f"the file is larger than the LoRA download limit of {self.max_file_bytes} bytes"
+            raise LoraError(field, too_large if err.too_large else err.reason) from None
         except OSError as err:
             raise LoraError(field, f"the file could not be saved in the LoRA cache ({err.strerror or err})") from None
         finally:
@@ -272,21 +248,6 @@ class LoraStore:
             time.perf_counter() - started,
             digest.hexdigest()[:16],
         )
-
-    def _ssrf_reason(self, err: rp_ssrf.SSRFError, host: str) -> str:
-        """The SDK's refusal, reworded. Its texts can carry whole URLs (signed query strings included), so they are
-        rebuilt from the host, or cut before the first URL."""
-        text = str(err)
-        if "size cap" in text:
-            return f"the file is larger than the LoRA download limit of {self.max_file_bytes} bytes"
-        if "non-public address" in text:
-            return (
-                text + " (loopback, private, link-local and other non-public addresses are refused unless "
-                "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true)"
-            )
-        if "proxy" in text:
-            return f"{host} would be fetched through a proxy, which the download guard refuses"
-        return re.split(r":? ?[a-zA-Z][a-zA-Z0-9+.-]*://", text, maxsplit=1)[0]
 
     # ----------------------------------------------------------------------------------------------- cache
 
@@ -499,13 +460,6 @@ def _load_failure_reason(err: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _host(url: str) -> str:
-    try:
-        return urlsplit(url).hostname or "?"
-    except ValueError:
-        return "?"
 
 
 def _public_url(url: str) -> str:

@@ -19,17 +19,15 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
-from runpod.serverless.utils import rp_ssrf
 
+from .downloads import DownloadError, download
 from .errors import InputImageError
 from .schema import OutputFormat
 
 # Formats a user may send. Pillow can read more, but each extra decoder is attack surface for no user benefit.
 ACCEPTED_INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+(;[a-zA-Z0-9=.+-]+)*;base64,", re.ASCII)
-_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -153,47 +151,9 @@ def _decode_data_uri(uri: str, limits: ImageLimits, field: str) -> bytes:
 
 
 def _download(url: str, limits: ImageLimits, field: str) -> bytes:
-    host = urlsplit(url).hostname or "?"
     try:
-        response = rp_ssrf.safe_get(
-            url, stream=True, timeout=limits.timeout_seconds, max_bytes=limits.max_bytes, headers={"Accept": "image/*"}
-        )
-    except rp_ssrf.SSRFError as err:
-        raise InputImageError(_ssrf_reason(err, limits), field) from None
-    except ValueError as err:
-        # After SSRFError (a ValueError). A malformed URL fails inside the SDK, before any connection: a port past
-        # 65535 or not a number (urlparse's .port), a host the IDNA codec refuses in getaddrinfo (UnicodeError: a
-        # label over 63 characters), a redirect to "http://[::1". These escaped as internal errors.
-        raise InputImageError(f"the URL is malformed ({type(err).__name__})", field) from None
-    except requests.Timeout:
-        raise InputImageError(f"timed out after {limits.timeout_seconds:g} s connecting to {host}", field) from None
-    except requests.ConnectionError:
-        raise InputImageError(f"could not connect to {host}", field) from None
-    except requests.RequestException as err:
-        raise InputImageError(f"the download failed ({type(err).__name__})", field) from None
-
-    with response:
-        if response.status_code != 200:
-            raise InputImageError(f"{host} answered HTTP {response.status_code}", field)
-        try:
-            return b"".join(rp_ssrf.iter_content_capped(response, _CHUNK_BYTES, limits.max_bytes))
-        except rp_ssrf.SSRFError as err:
-            raise InputImageError(_ssrf_reason(err, limits), field) from None
-        except requests.Timeout:
-            raise InputImageError(f"timed out after {limits.timeout_seconds:g} s reading from {host}", field) from None
-        except requests.RequestException as err:
-            raise InputImageError(f"the download broke off ({type(err).__name__})", field) from None
-
-
-def _ssrf_reason(err: rp_ssrf.SSRFError, limits: ImageLimits) -> str:
-    """The SDK's refusal, reworded for the caller. Its texts can carry whole URLs (signed query strings included),
-    so only the part before the first ': http' is kept."""
-    text = str(err)
-    if "size cap" in text:
-        return f"the image is larger than {limits.max_bytes} bytes"
-    if "non-public address" in text:
-        return (
-            text + " (loopback, private, link-local and other non-public addresses are refused unless "
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true)"
-        )
-    return re.split(r":? https?://", text, maxsplit=1)[0]
+        with download(url, max_bytes=limits.max_bytes, timeout=limits.timeout_seconds, accept="image/*") as chunks:
+            return b"".join(chunks)
+    except DownloadError as err:
+        reason = f"the image is larger than {limits.max_bytes} bytes" if err.too_large else err.reason
+        raise InputImageError(reason, field) from None
