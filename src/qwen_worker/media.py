@@ -109,14 +109,16 @@ def encode_image(image: Image.Image, output_format: OutputFormat, quality: int |
     return EncodedImage(buffer.getvalue(), output_format, rgb.width, rgb.height)
 
 
-# Encoder settings, chosen with bench/worker_overhead.py on a photo-like 1024x1024 image (numbers and the whole
-# size/speed table in docs/PERFORMANCE.md; 2-vCPU AMD EPYC, Pillow 13 with zlib-ng, libjpeg-turbo, libwebp 1.6):
-# - PNG is lossless at every level, so only speed and size differ. Level 1 encodes in ~50 ms against ~200 ms for
-#   Pillow's default 6, for ~19% more bytes (1.02 vs 0.86 MB); level 2 saves 3% more for a few ms, 3 saves 10% for
-#   ~20 ms, and 7-9 cost 0.4-2 s for 2-7% less. Level 0 is no faster than ~28 ms and triples the bytes.
-# - JPEG 95 with 4:4:4 chroma: text and coloured edges keep ~9 dB more PSNR (43 vs 34 dB on the sign) than 4:2:0, for
-#   ~17% more bytes and ~1 ms. Pillow's optimize=True saves only ~3% and triples the encode time.
-# - WebP 90 with method 0: ~22 ms against ~75 ms for method 4, ~10% more bytes, the same PSNR (39.0 dB).
+# Encoder settings, chosen with bench/worker_overhead.py (`make bench`) on a photo-like 1024x1024 image; the numbers
+# and the whole size/speed table are in docs/PERFORMANCE.md (2-vCPU AMD EPYC, Pillow 13 with zlib-ng 2.3.3,
+# libjpeg-turbo 3.2, libwebp 1.6):
+# - PNG is lossless at every level, so only speed and size differ. Level 1 encodes in ~51 ms against ~194 ms for
+#   Pillow's default 6, for 19% more bytes (1.02 vs 0.86 MB). Level 2 saves 3% for +4 ms, level 3 10% for +21 ms;
+#   levels 7-9 take 0.3-1.5 s to save 2-7% against 6. Level 0 still takes ~28 ms and triples the bytes.
+# - JPEG 95 with 4:4:4 chroma: coloured text and edges keep ~9 dB more PSNR than with 4:2:0 (43.0 vs 34.1 dB on the
+#   sign; 45.3 vs 39.6 dB overall) for 17% more bytes and ~1 ms. optimize=True saves 3% for 2.6x the encode time.
+# - WebP 90 with method 0: ~22 ms against ~76 ms for method 4 (libwebp's default), 10% more bytes, PSNR within
+#   0.15 dB (39.0 vs 39.1 dB).
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "4:4:4"
