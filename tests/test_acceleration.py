@@ -69,3 +69,85 @@ def test_regional_compilation_matches_the_reference_and_warms_up_at_start(tiny_m
     assert "warm-up 256x256 took" in caplog.text
     assert "size 320x256 was not warmed up" in caplog.text and "size 256x256 was not warmed up" not in caplog.text
     assert other_size["width"] == 320
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    """Counts the batched forwards really run, by wrapping the class the runner uses."""
+    from qwen_worker import acceleration, pipelines
+
+    counts = []
+
+    class Counting(acceleration.BatchedTrueCFG):
+        def __exit__(self, *exc):
+            counts.append(self.batched_calls)
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(pipelines, "BatchedTrueCFG", Counting)
+    return counts
+
+
+def test_batched_cfg_gives_the_reference_images(tiny_models, batched_calls):
+    two = {**JOB, "num_images": 2, "negative_prompt": "blurry, low quality, watermark"}  # prompts of unequal length
+    plain = run(tiny_models, jobs=(two,))[0]
+    batched = run(tiny_models, jobs=(two,), BATCHED_CFG="true")[0]
+    assert batched_calls == [4]  # one batched forward per step (DEFAULT_STEPS=4), instead of two
+    for index in range(2):
+        ours = np.asarray(open_image(decode_data_uri(batched["images"][index]["url"])[1]), np.int16)
+        theirs = np.asarray(open_image(decode_data_uri(plain["images"][index]["url"])[1]), np.int16)
+        assert np.abs(ours - theirs).max() <= 2  # padded, masked attention rounds differently in the last bits
+
+
+def test_batched_cfg_is_skipped_without_true_cfg(tiny_models, batched_calls):
+    result = run(tiny_models, jobs=({**JOB, "true_cfg_scale": 1},), BATCHED_CFG="true")[0]
+    assert "image_url" in result and batched_calls == []
+
+
+@pytest.mark.slow
+def test_batched_cfg_on_an_edit_fills_the_pipelines_sliced_view(tiny_models, batched_calls):
+    from images import photo_like, to_bytes
+    import base64
+
+    edit = {"prompt": "make it blue", "image": "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(64, 64))).decode(),
+            "seed": 3, "num_inference_steps": 2, "output_format": "png"}
+
+    def edit_with(**env):
+        worker = build_worker(Settings.from_env({"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]), "SAFETY_CHECKER": "off", **env}))
+        return pixels(worker.handle({"id": "e", "input": edit}))
+
+    assert np.abs(edit_with(BATCHED_CFG="true") - edit_with()).max() <= 2
+    assert batched_calls == [2]
+
+
+def test_batched_cfg_and_step_cache_are_refused_together():
+    with pytest.raises(ConfigError, match="BATCHED_CFG"):
+        Settings.from_env({"BATCHED_CFG": "true", "STEP_CACHE": "fbcache"})
+
+
+def test_each_half_of_the_batched_pass_equals_its_own_pass(tiny_models):
+    """At tensor level, where the tiny model's cond/uncond difference is far above the tolerance (pixels are not)."""
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from qwen_worker.acceleration import BatchedTrueCFG
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_models["qwen-image"], local_files_only=True, dtype=torch.float32)
+    transformer = pipe.transformer
+    calls = []
+    original = transformer.forward
+    transformer.forward = lambda **kwargs: calls.append(kwargs) or original(**kwargs)
+    pipe(prompt="a long and detailed prompt about a lighthouse", negative_prompt=" ", true_cfg_scale=4.0,
+         num_inference_steps=2, width=256, height=256, generator=torch.Generator().manual_seed(0), output_type="latent")
+    del transformer.forward
+    cond, uncond = calls[:2]  # a step of true CFG: the conditional pass, then the unconditional one
+    assert cond["encoder_hidden_states"].shape[1] != uncond["encoder_hidden_states"].shape[1]  # padding is exercised
+
+    with torch.inference_mode():
+        separate = [transformer(**cond)[0], transformer(**uncond)[0]]
+        with BatchedTrueCFG(transformer) as batching:
+            first = transformer(**cond)[0]
+            second = transformer(**uncond)[0]
+    assert batching.batched_calls == 1
+    tolerance = 1e-5
+    assert (separate[0] - separate[1]).abs().max() > 100 * tolerance  # the halves are distinguishable
+    assert torch.allclose(first, separate[0], atol=tolerance) and torch.allclose(second, separate[1], atol=tolerance)

@@ -6,6 +6,10 @@
                        Backends that download kernels from a hub at run time (*_hub) are refused.
     STEP_CACHE         off (default) | fbcache[:threshold] (First-Block cache, default 0.05) | taylorseer[:interval]
                        An opt-in quality/speed trade-off: skipped transformer work changes the image slightly.
+    BATCHED_CFG        false (default) | true: true CFG's two transformer passes per step run as one batched forward
+                       (the prompts padded to one length under a mask). Fewer, larger kernels; masked attention rules
+                       out mask-less kernels (FlashAttention-3), so measure it together with ATTENTION_BACKEND.
+                       Not combinable with STEP_CACHE, whose caches are per pass.
     COMPILE            off (default) | regional: torch.compile of the repeated transformer block, warmed up at start
                        for COMPILE_WARMUP_SIZES ("1024*1024,1328*1328") so no user request pays the compile; other
                        sizes compile on first use (logged). LoRA jobs run compiled: loading and unloading a LoRA
@@ -20,6 +24,8 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .errors import ConfigError
 
@@ -47,6 +53,7 @@ class AccelerationSettings:
     step_cache: str = "off"
     step_cache_parameter: float | None = None
     compile: bool = False
+    batched_cfg: bool = False
     warmup_sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (1328, 1328))
 
 
@@ -87,6 +94,82 @@ def _cache_config(settings: AccelerationSettings) -> Any:
     if settings.step_cache == "fbcache":
         return FirstBlockCacheConfig(threshold=settings.step_cache_parameter or DEFAULT_FBCACHE_THRESHOLD)
     return TaylorSeerCacheConfig(cache_interval=int(settings.step_cache_parameter or DEFAULT_TAYLORSEER_INTERVAL))
+
+
+class BatchedTrueCFG:
+    """Runs each denoising step's conditional and unconditional transformer passes as one batched forward.
+
+    The diffusers pipelines call the transformer twice per step, conditional first, and only combine the two results
+    after the second call. So while this context is active the first call of each pair returns a placeholder of the
+    output's shape, and the second call runs both inputs in one forward (text padded to a common length, padding masked
+    out), fills the placeholder in place and returns its own half. Views the pipeline took of the placeholder (the
+    edit pipelines slice it) see the filled values. Only for jobs with true CFG: without a second call the placeholder
+    would never be filled, which ``__exit__`` checks.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self._pending: tuple[dict[str, Any], torch.Tensor] | None = None
+        self.batched_calls = 0
+
+    def __enter__(self) -> "BatchedTrueCFG":
+        self._had_own_forward = "forward" in vars(self.transformer)
+        self._original = self.transformer.forward
+        self.transformer.forward = self._forward  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._had_own_forward:
+            self.transformer.forward = self._original
+        else:
+            del self.transformer.forward
+        if self._pending is not None and exc[0] is None:
+            raise RuntimeError("batched CFG: a conditional pass had no unconditional partner")
+        self._pending = None
+
+    def _forward(self, **kwargs: Any) -> tuple[torch.Tensor]:
+        if kwargs.get("return_dict", True):
+            raise RuntimeError("batched CFG expects the pipelines' return_dict=False calls")
+        if self._pending is None:
+            placeholder = torch.empty_like(kwargs["hidden_states"])
+            self._pending = (kwargs, placeholder)
+            return (placeholder,)
+        (cond, placeholder), uncond = self._pending, kwargs
+        self._pending = None
+        text, mask = _pad_and_stack(
+            (cond["encoder_hidden_states"], cond.get("encoder_hidden_states_mask")),
+            (uncond["encoder_hidden_states"], uncond.get("encoder_hidden_states_mask")),
+        )
+        guidance = cond.get("guidance")
+        output = self._original(
+            hidden_states=torch.cat([cond["hidden_states"], uncond["hidden_states"]]),
+            timestep=torch.cat([cond["timestep"], uncond["timestep"]]),
+            guidance=None if guidance is None else torch.cat([guidance, uncond["guidance"]]),
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
+            img_shapes=list(cond["img_shapes"]) + list(uncond["img_shapes"]),
+            attention_kwargs=cond.get("attention_kwargs"),
+            return_dict=False,
+        )[0]
+        batch = cond["hidden_states"].shape[0]
+        if output[:batch].shape != placeholder.shape:
+            raise RuntimeError(f"batched CFG: output {tuple(output.shape)} does not match input {tuple(placeholder.shape)}")
+        placeholder.copy_(output[:batch])
+        self.batched_calls += 1
+        return (output[batch:],)
+
+
+def _pad_and_stack(*parts: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack text embeddings of different lengths along the batch, zero-padded, with a mask marking the real tokens."""
+    length = max(embeds.shape[1] for embeds, _ in parts)
+    texts, masks = [], []
+    for embeds, mask in parts:
+        batch, own = embeds.shape[:2]
+        if mask is None:  # the pipelines drop an all-ones mask
+            mask = torch.ones(batch, own, dtype=torch.bool, device=embeds.device)
+        texts.append(torch.nn.functional.pad(embeds, (0, 0, 0, length - own)))
+        masks.append(torch.nn.functional.pad(mask.to(torch.bool), (0, length - own), value=False))
+    return torch.cat(texts), torch.cat(masks)
 
 
 def warm_up(pipeline: Any, sizes: tuple[tuple[int, int], ...], *, edit: bool) -> None:

@@ -159,11 +159,14 @@ def _acceleration_settings(reader: "_EnvReader") -> AccelerationSettings:
         if not (width.isdigit() and height.isdigit()):
             raise ConfigError(f"COMPILE_WARMUP_SIZES must be a comma-separated list of W*H sizes, got {item!r}")
         sizes.append((int(width), int(height)))
+    if cache_name != "off" and reader.boolean("BATCHED_CFG", False):
+        raise ConfigError("BATCHED_CFG=true cannot be combined with STEP_CACHE: the step caches are kept per CFG pass")
     return AccelerationSettings(
         attention_backend=reader.choice("ATTENTION_BACKEND", "native", ATTENTION_BACKENDS),
         step_cache=cache_name,
         step_cache_parameter=cache_parameter,
         compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
+        batched_cfg=reader.boolean("BATCHED_CFG", False),
         warmup_sizes=tuple(sizes),
     )
 

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .acceleration import AccelerationSettings, apply_acceleration, warm_up
+from .acceleration import AccelerationSettings, BatchedTrueCFG, apply_acceleration, warm_up
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .loras import applied_loras
 from .models import ResolvedModel
@@ -63,6 +63,7 @@ class LoadedPipeline:
     load_seconds: float
     lightning: "LightningFiles" = field(default_factory=lambda: LightningFiles())
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
+    batched_cfg: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ def load_pipeline(
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
     compiled_sizes = set(acceleration.warmup_sizes) if acceleration.compile else None
-    return LoadedPipeline(model, pipeline, task, multi_image, seconds, lightning, compiled_sizes)
+    return LoadedPipeline(
+        model, pipeline, task, multi_image, seconds, lightning, compiled_sizes, acceleration.batched_cfg
+    )
 
 
 # The components worth timing one by one and sharing between pipelines: the large torch modules.
@@ -332,8 +335,9 @@ class PipelineRunner:
         if lightning is not None:
             loras.insert(0, (lightning, 1.0))
         stages = _StageClock(pipeline.transformer)
+        batching = BatchedTrueCFG(pipeline.transformer) if loaded.batched_cfg and request.true_cfg_scale > 1 else nullcontext()
         try:
-            with self._scheduler_for(loaded, request), applied_loras(pipeline, loras), stages:
+            with self._scheduler_for(loaded, request), applied_loras(pipeline, loras), stages, batching:
                 with torch.inference_mode():
                     output = pipeline(**call)
         except torch.OutOfMemoryError:
