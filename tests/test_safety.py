@@ -142,3 +142,15 @@ def test_check_time_at_1024(sensitive, capsys):
     measured = ", ".join(f"{n} x 1024x1024 in {seconds * 1e3:.0f} ms" for n, seconds in timings.items())
     with capsys.disabled():
         print(f"\n[safety] tiny checker, {DTYPE}, CPU: {measured}")
+
+
+def test_the_sides_of_a_wide_image_are_checked_not_only_its_centre(sensitive):
+    """The stock preprocessor crops the centre square; flagged content at a side of a 16:9-like image must not pass."""
+    side = clean_image().height
+    wide = Image.new("RGB", (3 * side, side), clean_image().getpixel((0, 0)))
+    wide.paste(flagged_image().resize((side, side)), (0, 0))  # flagged content in the left square only
+    centre = wide.crop((side, 0, 2 * side, side))
+    assert sensitive.check([centre]) == [False]  # what the stock centre crop alone would have seen
+    assert sensitive.check([wide, Image.new("RGB", (3 * side, side), clean_image().getpixel((0, 0)))]) == [True, False]
+    tall = wide.transpose(Image.Transpose.ROTATE_90)
+    assert sensitive.check([tall]) == [True]

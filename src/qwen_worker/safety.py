@@ -31,6 +31,7 @@ Cost of the real checker (estimates from its architecture, except the one figure
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,16 +128,43 @@ class SafetyChecker:
         return checker
 
     def check(self, images: Sequence[PIL.Image.Image]) -> list[bool]:
-        """One flag per image, in order: True where the checker flags it. All images go through one forward."""
+        """One flag per image, in order: True where the checker flags any part of it. One forward for all.
+
+        The CLIP preprocessor sees only the centre square of an image; for a 16:9 result that leaves the sides
+        unchecked. So each non-square image is classified as squares covering it end to end (``covering_squares``),
+        and flagged when any of them is.
+        """
         if not images:
             return []
-        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
+        crops: list[PIL.Image.Image] = []
+        owners: list[int] = []
+        for index, image in enumerate(images):
+            for box in covering_squares(image.width, image.height):
+                crops.append(image.crop(box))
+                owners.append(index)
+        pixels = self.processor(images=crops, return_tensors="pt").pixel_values
         # forward(clip_input, images) blacks out the flagged entries of `images` in place and returns them with
-        # the flags; a placeholder of one byte per image takes that, and the images themselves are never touched.
-        placeholder = np.zeros((len(images), 1), dtype=np.uint8)
+        # the flags; a placeholder of one byte per crop takes that, and the images themselves are never touched.
+        placeholder = np.zeros((len(crops), 1), dtype=np.uint8)
         with torch.inference_mode():
-            _, flags = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholder)
-        return [bool(flag) for flag in flags]
+            _, crop_flags = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholder)
+        flags = [False] * len(images)
+        for owner, flagged in zip(owners, crop_flags):
+            flags[owner] = flags[owner] or bool(flagged)
+        return flags
+
+
+def covering_squares(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Square crop boxes that together cover the whole image: the stock centre square, plus squares evenly spaced
+    from one end of the long side to the other (ceil(aspect) of them, overlapping). One box for a square image."""
+    side, long_side = min(width, height), max(width, height)
+    spans = math.ceil(long_side / side)
+    offsets = {(long_side - side) // 2}  # the centre square: exactly what the stock preprocessor looks at
+    if spans > 1:
+        offsets.update(round(i * (long_side - side) / (spans - 1)) for i in range(spans))
+    if width >= height:
+        return [(offset, 0, offset + side, side) for offset in sorted(offsets)]
+    return [(0, offset, side, offset + side) for offset in sorted(offsets)]
 
 
 def _check_layout(folder: Path) -> None:
