@@ -193,7 +193,9 @@ def test_fast_mode_runs_the_lightning_schedule_and_reports_it(worker, progress_r
     plain = completed_output(worker.runsync({"prompt": "a bridge", "size": "256*256", "seed": 3, "num_inference_steps": 8, "true_cfg_scale": 1}))
     assert image_of(plain) != image_of(output)  # the Lightning LoRA and scheduler really applied
     # Progress: every ~10% of the 8 steps but never the last, each an IN_PROGRESS post for this job.
-    time.sleep(1.0)  # the SDK posts from fire-and-forget threads
+    deadline = time.monotonic() + 15  # the SDK posts from fire-and-forget threads: wait for them, boundedly
+    while time.monotonic() < deadline and len([1 for job_id, _ in progress_receiver.posts if job_id == body["id"]]) < 7:
+        time.sleep(0.1)
     posts = [post for job_id, post in progress_receiver.posts if job_id == body["id"]]
     assert sorted(post["output"]["step"] for post in posts) == [1, 2, 3, 4, 5, 6, 7]
     assert all(post["status"] == "IN_PROGRESS" and post["output"]["total_steps"] == 8 for post in posts)
