@@ -28,17 +28,17 @@ def configure_logging(settings: Settings) -> None:
     RunPodLogger().set_level(settings.runpod_log_level)
 
 
-def build_store(settings: Settings) -> tuple[ResultStore, ResultStore | None]:
-    """The configured store, and the inline fallback when UPLOAD_FALLBACK=inline applies."""
+def build_store(settings: Settings) -> ResultStore:
+    """The configured store: a bucket, else a local directory, else inline data URIs."""
     if settings.bucket is not None:
         s3 = S3Store(settings.bucket)
         warning = s3.check()
         if warning:
             log.warning("storage check at start-up failed: %s. Jobs will fail until it is fixed.", warning)
-        return s3, InlineStore(settings.max_inline_bytes) if settings.upload_fallback_inline else None
+        return s3
     if settings.local_output_dir is not None:
-        return LocalDirectoryStore(settings.local_output_dir), None
-    return InlineStore(settings.max_inline_bytes), None
+        return LocalDirectoryStore(settings.local_output_dir)
+    return InlineStore(settings.max_inline_bytes)
 
 
 def build_safety(settings: Settings, device) -> SafetyPolicy:  # device: torch.device
@@ -71,7 +71,7 @@ def build_worker(settings: Settings) -> Worker:
         model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
         loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)
-    store, fallback = build_store(settings)
+    store = build_store(settings)
     log.info("results go to %s", store.description)
     loras = LoraStore(
         settings.lora_cache_dir,
@@ -85,7 +85,6 @@ def build_worker(settings: Settings) -> Worker:
         settings,
         PipelineRunner(loaded, device),
         store,
-        fallback_store=fallback,
         loras=loras,
         safety=safety,
         progress=(lambda job: StepProgress(job, sender)) if sender else (lambda job: None),

@@ -70,7 +70,6 @@ class Worker:
         runner: PipelineRunner,
         store: ResultStore,
         *,
-        fallback_store: ResultStore | None = None,
         loras: LoraStore | None = None,
         safety: SafetyPolicy | None = None,
         progress: Callable[[Mapping[str, Any]], ProgressCallback | None] = lambda job: None,
@@ -78,7 +77,7 @@ class Worker:
         self.settings = settings
         self.runner = runner
         self.store = store
-        self.fallback_store = fallback_store
+        # Inline results: fal's sync_mode, and the UPLOAD_FALLBACK=inline rescue when an upload fails.
         self.inline_store = InlineStore(settings.max_inline_bytes)
         self.loras = loras
         self.safety = safety or SafetyPolicy(checker=None, mode="off")
@@ -266,10 +265,10 @@ class Worker:
         try:
             return self.store.store(job_id, encoded), None
         except StorageError as err:
-            if self.fallback_store is None:
+            if not self.settings.upload_fallback_inline:
                 raise
             log.warning("job %s: %s; returning the result inline (UPLOAD_FALLBACK=inline)", job_id, err)
-            urls = self.fallback_store.store(job_id, encoded)
+            urls = self.inline_store.store(job_id, encoded)
             return urls, f"{err} The image is returned inline instead (UPLOAD_FALLBACK=inline)."
 
 
