@@ -39,7 +39,8 @@ def test_model_can_be_switched_off_but_not_both():
 @pytest.mark.parametrize(
     "name, value",
     [("DEFAULT_STEPS", "abc"), ("DEFAULT_STEPS", "0"), ("DEFAULT_TRUE_CFG_SCALE", "nan"), ("REQUIRE_CUDA", "maybe"),
-     ("IMAGE_URL_TTL_SECONDS", str(MAX_PRESIGN_TTL_SECONDS + 1)), ("RUNPOD_LOG_LEVEL", "LOUD")],
+     ("IMAGE_URL_TTL_SECONDS", str(MAX_PRESIGN_TTL_SECONDS + 1)), ("RUNPOD_LOG_LEVEL", "LOUD"),
+     ("COMPILE_WARMUP_SIZES", "1024x1024"), ("COMPILE_WARMUP_SIZES", "1000*1000")],
 )
 def test_bad_values_name_the_variable(name, value):
     env = dict(BUCKET) if name == "IMAGE_URL_TTL_SECONDS" else {}

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Mapping
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
-from .errors import ConfigError
+from .errors import ConfigError, ValidationError
+from .schema import parse_size
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
 DEFAULT_SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
@@ -155,18 +156,19 @@ def _acceleration_settings(reader: "_EnvReader") -> AccelerationSettings:
         raise ConfigError(f"STEP_CACHE {err}") from None
     sizes = []
     for item in reader.text("COMPILE_WARMUP_SIZES", "1024*1024,1328*1328").split(","):
-        width, _, height = item.strip().partition("*")
-        if not (width.isdigit() and height.isdigit()):
-            raise ConfigError(f"COMPILE_WARMUP_SIZES must be a comma-separated list of W*H sizes, got {item!r}")
-        sizes.append((int(width), int(height)))
-    if cache_name != "off" and reader.boolean("BATCHED_CFG", False):
+        try:
+            sizes.append(parse_size(item))  # the request rule: only sizes a request could ask for are worth warming
+        except ValidationError as err:
+            raise ConfigError(f"COMPILE_WARMUP_SIZES: each size {err.rule}") from None
+    batched_cfg = reader.boolean("BATCHED_CFG", False)
+    if cache_name != "off" and batched_cfg:
         raise ConfigError("BATCHED_CFG=true cannot be combined with STEP_CACHE: the step caches are kept per CFG pass")
     return AccelerationSettings(
         attention_backend=reader.choice("ATTENTION_BACKEND", "native", ATTENTION_BACKENDS),
         step_cache=cache_name,
         step_cache_parameter=cache_parameter,
         compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
-        batched_cfg=reader.boolean("BATCHED_CFG", False),
+        batched_cfg=batched_cfg,
         warmup_sizes=tuple(sizes),
     )
 
