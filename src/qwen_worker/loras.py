@@ -302,18 +302,13 @@ class LoraStore:
 
     def _remove_stale_temporaries(self) -> None:
         cutoff = time.time() - _STALE_TEMP_SECONDS
-        for path in self.cache_dir.glob(".download-*"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except OSError:
-                pass
-        for path in self.cache_dir.glob(".sidecar-*"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except OSError:
-                pass
+        for pattern in (".download-*", ".sidecar-*"):  # what a killed download or sidecar write leaves behind
+            for path in self.cache_dir.glob(pattern):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                except OSError:
+                    pass
 
 
 # ----------------------------------------------------------------------------------------------- verification

@@ -54,6 +54,17 @@ ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
 
 
+@dataclass(frozen=True)
+class LightningFiles:
+    """Lightning distillation LoRAs per task: the 8-step file (go_fast / "regular") and the 4-step one ("high")."""
+
+    eight_step: Path | None = None
+    four_step: Path | None = None
+
+    def for_mode(self, mode: FastMode) -> Path | None:
+        return {FastMode.REGULAR: self.eight_step, FastMode.HIGH: self.four_step}.get(mode)
+
+
 @dataclass
 class LoadedPipeline:
     model: ResolvedModel
@@ -61,7 +72,7 @@ class LoadedPipeline:
     task: Task
     accepts_multiple_images: bool
     load_seconds: float
-    lightning: "LightningFiles" = field(default_factory=lambda: LightningFiles())
+    lightning: LightningFiles = field(default_factory=LightningFiles)
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
     batched_cfg: bool = False
 
@@ -85,17 +96,6 @@ class Generation:
     true_cfg_scale: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LightningFiles:
-    """Lightning distillation LoRAs per task: the 8-step file (go_fast / "regular") and the 4-step one ("high")."""
-
-    eight_step: Path | None = None
-    four_step: Path | None = None
-
-    def for_mode(self, mode: FastMode) -> Path | None:
-        return {FastMode.REGULAR: self.eight_step, FastMode.HIGH: self.four_step}.get(mode)
 
 
 def select_device(require_cuda: bool) -> torch.device:
