@@ -1,13 +1,18 @@
 """Runpod serverless entry point for the Qwen-Image worker.
 
-Accepted input shapes (inside the job's ``input``; the README has every field, default and range):
+Accepted input shapes (inside the job's ``input``; the README's parameter table has every field, alias, default and
+range, and the fal / Replicate / DashScope spellings of each):
 
-    text-to-image  {"prompt": str, "negative_prompt"?: str, "size"?: "W*H", "seed"?: int,
-                    "enable_safety_checker"?: bool, ...}
-    edit           {"prompt": str, "image": http(s) URL | data:image/...;base64, URI, "negative_prompt"?: str,
-                    "seed"?: int, "output_format"?: "png" | "jpeg", "enable_safety_checker"?: bool, ...}
+    text-to-image  {"prompt": str, "negative_prompt"?: str, "size"?: "W*H" (or width+height, aspect_ratio,
+                    image_size), "seed"?: int, "num_images"?: 1..4, "output_format"?: "png" | "jpeg" | "webp",
+                    "enable_safety_checker"?: bool, "loras"?: [...], "go_fast"?: bool, "dry_run"?: bool, ...}
+    edit           the same, plus "image": http(s) URL | data:image/...;base64, URI, or "images": [1..3 of them]
+                   (Edit-Plus); the size follows the (last) input unless given; "match_input_size"?: bool
 
-Output: {"image_url": str, "cost": float, "seed": int, "width": int, "height": int}, or {"error": str} (FAILED).
+Output: {"image_url": str, "cost": float, "images": [{"url", "seed", "width", "height", "content_type"}], "seed",
+"width", "height", "num_inference_steps", "true_cfg_scale", "safety_checker", "has_nsfw_concepts"?, "timings",
+"model": {"id", "revision"}, "notes"?, "warning"?}; a dry run answers a quote ({"dry_run": true, "cost", ...}); a
+failure answers {"error": str} and the job is FAILED.
 
 Run ``python handler.py`` for the SDK's local test mode (reads ./test_input.json), ``python handler.py --rp_serve_api``
 for its local HTTP API, and plain ``python -u handler.py`` on Runpod.

@@ -1,4 +1,4 @@
-"""Speed options for the diffusion transformer, each behind one environment variable, invisible to the rest.
+"""Speed options for the diffusion transformer, each behind one environment variable.
 
     ATTENTION_BACKEND  native (default)  torch SDPA, which picks cuDNN / flash / memory-efficient kernels itself
                        _native_cudnn, _native_flash, _native_efficient, _native_math: force one SDPA kernel
@@ -16,6 +16,10 @@
                        swaps modules, which makes dynamo recompile the affected blocks (correct, but slower that job).
 
 Which of these win is a GPU question (docs/PERFORMANCE.md); equivalence to the reference is tested on the CPU.
+
+Who uses what: ``loading.py`` applies the options to each transformer once (``apply_acceleration``, ``warm_up``) and
+records on the ``LoadedPipeline`` the two that matter per job; ``runner.py`` reads those (``BatchedTrueCFG`` around
+true-CFG jobs, a log line for a size that was not warmed up). Nothing else knows these options exist.
 """
 
 from __future__ import annotations
@@ -174,8 +178,7 @@ def _pad_and_stack(*parts: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[to
 
 def warm_up(pipeline: Any, sizes: tuple[tuple[int, int], ...], *, edit: bool) -> None:
     """Run each warm-up size once (2 steps, with true CFG as by default) so compilation happens at start-up."""
-    import torch
-    from PIL import Image
+    from PIL import Image  # imported here: PIL is needed only when compiling
 
     for width, height in sizes:
         started = time.perf_counter()

@@ -1,13 +1,12 @@
 """Per-job LoRAs: finding the file a request names, and applying it to a pipeline for one job only.
 
-Two halves, kept apart so each can be tested alone and neither knows about HTTP handlers, S3 or the request schema:
+Two halves, kept apart so each can be tested alone; neither knows about HTTP handlers or S3, and of the request
+schema only ``LoraRequest`` (one ``loras[i]`` entry) is read:
 
 ``LoraStore.resolve(request, field)`` turns a ``LoraRequest.path`` into a verified local ``.safetensors`` file:
 
-- ``https://`` / ``http://`` URL: downloaded with the runpod SDK's SSRF-safe client, exactly as input images are
-  (``rp_ssrf.safe_get`` + ``iter_content_capped``: every address checked and pinned, redirects re-checked, loopback and
-  private targets refused unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true``, the byte cap enforced while streaming).
-  Files land in a size-capped cache: ``<sha256(url)>.safetensors`` plus a JSON sidecar (url hash, content sha256,
+- ``https://`` / ``http://`` URL: downloaded through ``downloads.download``, exactly as input images are (its
+  docstring says how SSRF is prevented). Files land in a size-capped cache: ``<sha256(url)>.safetensors`` plus a JSON sidecar (url hash, content sha256,
   size, the URL without its query string). A URL seen before is served from disk without any network request.
   Least-recently-used entries are evicted when the cache grows past its cap; "used" is the file's mtime, set on each
   hit.
@@ -63,7 +62,6 @@ from .schema import LoraRequest  # one loras[i] entry: path and scale (range che
 log = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
-_CHUNK_BYTES = 1024 * 1024
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 # Temporary downloads older than this are leftovers of a killed process; younger ones may be another worker's
 # download in progress (the cache folder can be shared, e.g. on the network volume).

@@ -14,18 +14,11 @@ checker's own ``forward`` for this, so the flags are exactly those a Stable Diff
 throw-away placeholder array instead of the images, and that one warning from that one logger is filtered out,
 because nothing here is ever blacked out: what becomes of a flagged image is the caller's decision.
 
-Cost of the real checker (estimates from its architecture, except the one figure marked as measured):
+Coverage: CLIP's preprocessor sees only an image's centre square, so ``check`` classifies a non-square image as
+overlapping squares covering it end to end (3 for 16:9) and flags the image when any of them is flagged.
 
-- size: CLIP ViT-L/14 vision tower (hidden 1024, 24 layers, MLP 4096, 16 heads, patch 14) plus a 1024->768
-  projection and the 20 concept embeddings: about 304 M parameters (303,981,588 counted from the config). In bf16
-  that is about 0.61 GB (0.57 GiB) of GPU memory, beside a Qwen-Image pipeline of about 58 GB; activations for a
-  batch of a few 224x224 images add a few tens of MB. The repo's fp32 weights are about 1.2 GB on disk.
-- time: every image is resized (shortest edge) to 224 and centre-cropped to 224x224 on the CPU by the PIL CLIP
-  processor, one image after another (measured on a 2-core development machine with the repo's processor
-  settings: about 10 ms per 1024x1024 image), then one batched forward of 257 tokens per image, about 0.16 TFLOP
-  per image: milliseconds on a data-centre GPU (estimate), negligible beside a 50-step Qwen-Image generation.
-- coverage: as in every diffusers pipeline, the centre crop means the checker sees only the middle square of a
-  non-square image (for 1664x928, the middle 928x928).
+What the checker costs (parameters, GPU memory, time per image) is stated once, in the README's "Safety checker"
+section.
 """
 
 from __future__ import annotations

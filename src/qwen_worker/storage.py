@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
 import os
 import re
 import time
@@ -25,7 +24,6 @@ from .config import BucketSettings
 from .errors import ResultTooLargeError, StorageError
 from .media import EncodedImage
 
-log = logging.getLogger(__name__)
 
 
 class ResultStore(Protocol):
