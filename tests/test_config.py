@@ -8,6 +8,7 @@ import pytest
 
 from qwen_worker.config import MAX_PRESIGN_TTL_SECONDS, Settings
 from qwen_worker.errors import ConfigError
+from qwen_worker.schema import GenerationDefaults
 
 BUCKET = {
     "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9",
@@ -27,6 +28,17 @@ def test_defaults():
     assert settings.bucket is None and settings.local_output_dir is None
     assert settings.runpod_log_level == "INFO"
     assert settings.volume_path == Path("/runpod-volume")
+
+
+def test_every_default_is_the_settings_field_default():
+    """Defaults are written once, on the Settings fields; reading an empty environment must give exactly those."""
+    assert Settings.from_env({}) == Settings()
+
+
+def test_generation_defaults_come_from_settings():
+    settings = Settings.from_env({"DEFAULT_STEPS": "12", "DEFAULT_TRUE_CFG_SCALE": "2.5"})
+    assert settings.generation_defaults == GenerationDefaults(num_inference_steps=12, true_cfg_scale=2.5)
+    assert Settings().generation_defaults == GenerationDefaults()
 
 
 def test_model_can_be_switched_off_but_not_both():

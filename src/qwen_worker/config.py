@@ -1,7 +1,8 @@
 """Every environment variable the worker reads, parsed once into typed settings.
 
-Nothing else in the package reads ``os.environ``: other modules receive a ``Settings``. Each variable, its default
-and its meaning is listed in the README's "Environment variables" table; keep the two in step.
+Nothing else in the package reads ``os.environ``: other modules receive a ``Settings``. Each default is written once,
+on the ``Settings`` field; ``from_env`` falls back to it. Each variable, its default and its meaning is listed in the
+README's "Environment variables" table (tests/test_docs.py holds the two in step).
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
-from .schema import parse_size
+from .schema import GenerationDefaults, parse_size
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
 DEFAULT_SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
@@ -58,9 +59,9 @@ class Settings:
     hf_hub_cache: Path | None = None
     require_cuda: bool = False
 
-    # Generation defaults (the model card's: 50 steps, true CFG 4.0).
-    default_steps: int = 50
-    default_true_cfg_scale: float = 4.0
+    # Generation defaults when a request gives none (the model card's, written once in schema.GenerationDefaults).
+    default_steps: int = GenerationDefaults.num_inference_steps
+    default_true_cfg_scale: float = GenerationDefaults.true_cfg_scale
 
     # Pricing.
     price_per_megapixel: float = 0.02
@@ -103,42 +104,52 @@ class Settings:
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        return GenerationDefaults(self.default_steps, self.default_true_cfg_scale)
+
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = _EnvReader(env)
+        default = cls()  # each variable falls back to its field's default
         settings = cls(
-            t2i_model=reader.model("QWEN_IMAGE_MODEL", DEFAULT_T2I_MODEL),
-            edit_model=reader.model("QWEN_IMAGE_EDIT_MODEL", None),
-            volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", "/runpod-volume")),
+            t2i_model=reader.model("QWEN_IMAGE_MODEL", default.t2i_model),
+            edit_model=reader.model("QWEN_IMAGE_EDIT_MODEL", default.edit_model),
+            volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", str(default.volume_path))),
             hf_hub_cache=_hf_hub_cache(env),
-            require_cuda=reader.boolean("REQUIRE_CUDA", False),
-            default_steps=reader.integer("DEFAULT_STEPS", 50, low=1, high=100),
-            default_true_cfg_scale=reader.number("DEFAULT_TRUE_CFG_SCALE", 4.0, low=1.0, high=20.0),
-            price_per_megapixel=reader.number("PRICE_PER_MEGAPIXEL", 0.02, low=0.0, high=1e6),
-            max_image_bytes=reader.integer("MAX_IMAGE_BYTES", 20 * 1000 * 1000, low=1, high=1 << 34),
-            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 40_000_000, low=1, high=1 << 34),
-            image_fetch_timeout_seconds=reader.number("IMAGE_FETCH_TIMEOUT_SECONDS", 30.0, low=0.1, high=600.0),
-            local_output_dir=reader.path("LOCAL_OUTPUT_DIR"),
-            max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 15 * 1000 * 1000, low=1, high=1 << 34),
+            require_cuda=reader.boolean("REQUIRE_CUDA", default.require_cuda),
+            default_steps=reader.integer("DEFAULT_STEPS", default.default_steps, low=1, high=100),
+            default_true_cfg_scale=reader.number(
+                "DEFAULT_TRUE_CFG_SCALE", default.default_true_cfg_scale, low=1.0, high=20.0
+            ),
+            price_per_megapixel=reader.number("PRICE_PER_MEGAPIXEL", default.price_per_megapixel, low=0.0, high=1e6),
+            max_image_bytes=reader.integer("MAX_IMAGE_BYTES", default.max_image_bytes, low=1, high=1 << 34),
+            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", default.max_image_pixels, low=1, high=1 << 34),
+            image_fetch_timeout_seconds=reader.number(
+                "IMAGE_FETCH_TIMEOUT_SECONDS", default.image_fetch_timeout_seconds, low=0.1, high=600.0
+            ),
+            local_output_dir=reader.path("LOCAL_OUTPUT_DIR", default.local_output_dir),
+            max_inline_bytes=reader.integer("MAX_INLINE_BYTES", default.max_inline_bytes, low=1, high=1 << 34),
             bucket=_bucket_settings(reader),
             upload_fallback_inline=reader.choice("UPLOAD_FALLBACK", "off", ("off", "inline")) == "inline",
-            lora_cache_dir=reader.path("LORA_CACHE_DIR") or Path("/tmp/qwen-worker/loras"),
-            lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * 1000**3, low=1, high=1 << 50),
-            lora_max_bytes=reader.integer("LORA_MAX_BYTES", 2 * 1000**3, low=1, high=1 << 40),
-            lightning_lora=reader.path("LIGHTNING_LORA"),
-            lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP"),
-            lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA"),
-            lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP"),
-            safety_checker=reader.choice("SAFETY_CHECKER", "on", ("on", "always", "off")),
-            safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or DEFAULT_SAFETY_CHECKER_MODEL,
-            safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", False),
-            share_components=reader.boolean("SHARE_COMPONENTS", True),
-            acceleration=_acceleration_settings(reader),
+            lora_cache_dir=reader.path("LORA_CACHE_DIR", None) or default.lora_cache_dir,
+            lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", default.lora_cache_max_bytes, low=1, high=1 << 50),
+            lora_max_bytes=reader.integer("LORA_MAX_BYTES", default.lora_max_bytes, low=1, high=1 << 40),
+            lightning_lora=reader.path("LIGHTNING_LORA", default.lightning_lora),
+            lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),
+            lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA", default.lightning_edit_lora),
+            lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP", default.lightning_edit_lora_4step),
+            safety_checker=reader.choice("SAFETY_CHECKER", default.safety_checker, ("on", "always", "off")),
+            safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or default.safety_checker_model,
+            safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", default.safety_check_inputs),
+            share_components=reader.boolean("SHARE_COMPONENTS", default.share_components),
+            acceleration=_acceleration_settings(reader, default.acceleration),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(reader.text("RUNPOD_WEBHOOK_POST_OUTPUT", "")),
             runpod_log_level=reader.choice(
-                "RUNPOD_LOG_LEVEL", "INFO", ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"), upper=True
+                "RUNPOD_LOG_LEVEL", default.runpod_log_level, ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"),
+                upper=True,
             ),
         )
         if settings.t2i_model is None and settings.edit_model is None:
@@ -148,23 +159,24 @@ class Settings:
         return settings
 
 
-def _acceleration_settings(reader: "_EnvReader") -> AccelerationSettings:
+def _acceleration_settings(reader: _EnvReader, default: AccelerationSettings) -> AccelerationSettings:
     step_cache = reader.text("STEP_CACHE", "off") or "off"
     try:
         cache_name, cache_parameter = parse_step_cache(step_cache)
     except ValueError as err:
         raise ConfigError(f"STEP_CACHE {err}") from None
     sizes = []
-    for item in reader.text("COMPILE_WARMUP_SIZES", "1024*1024,1328*1328").split(","):
+    default_sizes = ",".join(f"{width}*{height}" for width, height in default.warmup_sizes)
+    for item in reader.text("COMPILE_WARMUP_SIZES", default_sizes).split(","):
         try:
             sizes.append(parse_size(item))  # the request rule: only sizes a request could ask for are worth warming
         except ValidationError as err:
             raise ConfigError(f"COMPILE_WARMUP_SIZES: each size {err.rule}") from None
-    batched_cfg = reader.boolean("BATCHED_CFG", False)
+    batched_cfg = reader.boolean("BATCHED_CFG", default.batched_cfg)
     if cache_name != "off" and batched_cfg:
         raise ConfigError("BATCHED_CFG=true cannot be combined with STEP_CACHE: the step caches are kept per CFG pass")
     return AccelerationSettings(
-        attention_backend=reader.choice("ATTENTION_BACKEND", "native", ATTENTION_BACKENDS),
+        attention_backend=reader.choice("ATTENTION_BACKEND", default.attention_backend, ATTENTION_BACKENDS),
         step_cache=cache_name,
         step_cache_parameter=cache_parameter,
         compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
@@ -182,7 +194,7 @@ def _hf_hub_cache(env: Mapping[str, str]) -> Path | None:
     return None
 
 
-def _bucket_settings(reader: "_EnvReader") -> BucketSettings | None:
+def _bucket_settings(reader: _EnvReader) -> BucketSettings | None:
     names = {
         "BUCKET_ENDPOINT_URL": reader.text("BUCKET_ENDPOINT_URL", ""),
         "BUCKET_ACCESS_KEY_ID": reader.text("BUCKET_ACCESS_KEY_ID", ""),
@@ -238,9 +250,9 @@ class _EnvReader:
     def text(self, name: str, default: str) -> str:
         return self._env.get(name, default).strip()
 
-    def path(self, name: str) -> Path | None:
+    def path(self, name: str, default: Path | None) -> Path | None:
         value = self.text(name, "")
-        return Path(value) if value else None
+        return Path(value) if value else default
 
     def model(self, name: str, default: str | None) -> str | None:
         if name not in self._env:

@@ -19,6 +19,9 @@ traceback and answered with a generic "internal error" message (never the traceb
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class WorkerError(Exception):
     """A job failed for a reason the caller should read."""
@@ -81,3 +84,37 @@ class StorageError(WorkerError):
 
 class ConfigError(Exception):
     """The worker cannot start: the environment or the model files are wrong. Raised at start-up only."""
+
+
+# Rendering user input inside an error message: short, and never raising.
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def preview(value: Any, limit: int = 40) -> str:
+    """A short, safe rendering of user input for an error message (never echo a whole payload back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"  # repr() of a huge int is slow, and refused past 4300 digits
+    try:
+        text = repr(value)
+    except ValueError:
+        # Such an integer inside an array or object ([10**5000]) made repr() raise, and the request failed as an
+        # internal error instead of naming the field.
+        return json_type(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,33 +1,8 @@
 """The request a job carries, parsed once into a typed ``Request``.
 
 This is the only module that knows input field names, including the other hosts' dialects (fal, Replicate,
-DashScope, Oxen/eachlabs). The README's parameter table documents every field; keep the two in step.
-
-    field (aliases)                         type              default            rule
-    prompt                                  string            required           non-empty; at most 10 000 characters
-    negative_prompt                         string            ""                 "" still runs true CFG with " "
-    size                                    "W*H"             1024*1024 (t2i)    sides 256..2048, multiples of 16
-    width + height                          integers          -                  same rule; both or neither
-    aspect_ratio                            string            -                  1:1 16:9 9:16 4:3 3:4 3:2 2:3 (model card sizes)
-    image_size                              string | object   -                  fal preset / {width,height}, or Replicate's
-                                                                                 optimize_for_quality / optimize_for_speed
-    seed                                    integer           -1 (random)        0 <= seed < 2**32
-    num_inference_steps                     integer           DEFAULT_STEPS      1..100
-    true_cfg_scale (guidance, guidance_scale) number          DEFAULT_TRUE_CFG_SCALE  1..20; 1 turns true CFG off
-    num_images (n)                          integer           1                  1..4; image i uses seed + i
-    output_format                           string            png (t2i) / jpeg (edit)  png | jpeg (jpg) | webp
-    output_quality                          integer           jpeg 95, webp 90   1..100, jpeg and webp only
-    enable_safety_checker                   boolean           true               disable_safety_checker is its inverse
-    image                                   string            -                  http(s) URL or data:image/...;base64, URI: an edit
-    images                                  array of strings  -                  1..3 references (Edit-Plus models)
-    match_input_size                        boolean           false              edit: return the input's exact dimensions
-    loras                                   array             []                 up to 3 {path, scale}; scale -4..4
-    lora_weights + lora_scale               string + number   -                  Replicate's single LoRA; scale default 1
-    go_fast / acceleration                  boolean / string  false / "none"     Lightning LoRA: regular = 8 steps, high = 4
-    enhance_prompt (prompt_extend)          boolean           false              appends the model card's "magic" suffix
-    sync_mode                               boolean           false              fal: inline data URI even with a bucket
-    watermark                               boolean           false              DashScope: only false is supported
-    dry_run                                 boolean           false              validate and quote; nothing is generated
+DashScope, Oxen/eachlabs). The README's parameter table documents every field, alias, default and rule
+(tests/test_docs.py holds the two in step); size rules live in ``sizes.py``.
 
 Types are strict: an integer must be a JSON integer (not "12", 1.0 or true) and a boolean a JSON boolean; strings must
 be valid Unicode (an unpaired surrogate escape such as "\\ud800" is refused). A field the worker does not know fails
@@ -43,14 +18,12 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
 
-from .errors import ValidationError
-from .sizes import ASPECT_RATIOS, FAL_PRESETS, REPLICATE_SIZE_MODES, about_one_megapixel
+from .errors import ValidationError, json_type, preview
+from .sizes import ASPECT_RATIOS, FAL_PRESETS, REPLICATE_SIZE_MODES, about_one_megapixel, check_dimensions
 
-MIN_SIDE = 256
-MAX_SIDE = 2048
-SIDE_MULTIPLE = 16
 SEED_LIMIT = 2**32
 MAX_STEPS = 100
 MIN_CFG, MAX_CFG = 1.0, 20.0
@@ -58,7 +31,7 @@ MAX_NUM_IMAGES = 4
 MAX_EDIT_IMAGES = 3
 MAX_LORAS = 3
 MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
-# Stops absurd payloads early; the text encoder's window is far smaller, see pipelines.MAX_PROMPT_TOKENS.
+# Stops absurd payloads early; the text encoder's window is far smaller, see runner.MAX_PROMPT_TOKENS.
 MAX_PROMPT_CHARS = 10_000
 MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
 
@@ -169,7 +142,7 @@ _FIELDS = frozenset(
 def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults()) -> Request:
     """Validate a job's ``input`` and return the typed request, or raise ``ValidationError`` naming the field."""
     if not isinstance(raw, Mapping):
-        raise ValidationError("input", f"must be a JSON object, got {_json_type(raw)}")
+        raise ValidationError("input", f"must be a JSON object, got {json_type(raw)}")
     _reject_unknown_fields(raw)
     fields = _Fields(raw)
     notes: list[str] = []
@@ -229,24 +202,13 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
 def parse_size(value: Any) -> tuple[int, int]:
     """Parse Runpod's "W*H" size string; Runpod's own wording for a malformed value is kept verbatim."""
     if not isinstance(value, str):
-        raise ValidationError("size", f'format must be width*height (a string such as "1024*1024"), got {_json_type(value)}')
+        raise ValidationError("size", f'format must be width*height (a string such as "1024*1024"), got {json_type(value)}')
     match = _SIZE_PATTERN.match(value)
     if not match:
-        raise ValidationError("size", f'format must be width*height (e.g. "1024*1024"), got {_preview(value)}')
+        raise ValidationError("size", f'format must be width*height (e.g. "1024*1024"), got {preview(value)}')
     width, height = int(match.group(1)), int(match.group(2))
     check_dimensions(width, height, field="size")
     return width, height
-
-
-def check_dimensions(width: int, height: int, *, field: str) -> None:
-    for side_name, side in (("width", width), ("height", height)):
-        # _preview, not str(): str() of a JSON integer like 10**5000 raises ValueError (past 4300 digits), which
-        # escaped as an internal error instead of naming the field.
-        if not MIN_SIDE <= side <= MAX_SIDE:
-            rule = f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {_preview(side)}"
-            raise ValidationError(field, rule)
-        if side % SIDE_MULTIPLE:
-            raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {_preview(side)}")
 
 
 def mostly_cjk(text: str) -> bool:
@@ -290,7 +252,7 @@ def _size(fields: "_Fields", default: tuple[int, int] | None) -> tuple[int | Non
 
 def _aspect_ratio(value: Any) -> tuple[int, int]:
     if not isinstance(value, str) or value.strip() not in ASPECT_RATIOS:
-        raise ValidationError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {_preview(value)}")
+        raise ValidationError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {preview(value)}")
     return ASPECT_RATIOS[value.strip()]
 
 
@@ -314,7 +276,7 @@ def _image_size(value: Any, aspect: Any) -> tuple[int, int]:
             width, height = about_one_megapixel(across / down)
         return width, height
     names = ", ".join([*FAL_PRESETS, *REPLICATE_SIZE_MODES])
-    raise ValidationError("image_size", f"must be one of {names}, or {{\"width\", \"height\"}}; got {_preview(value)}")
+    raise ValidationError("image_size", f"must be one of {names}, or {{\"width\", \"height\"}}; got {preview(value)}")
 
 
 def _image_urls(fields: "_Fields") -> tuple[str, ...]:
@@ -329,7 +291,7 @@ def _image_urls(fields: "_Fields") -> tuple[str, ...]:
         raise ValidationError("images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs or data URIs")
     for index, item in enumerate(images):
         if not isinstance(item, str) or not item.strip():
-            raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {_json_type(item)}")
+            raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {json_type(item)}")
         if len(item) > MAX_URL_CHARS:
             raise ValidationError(f"images[{index}]", f"must be at most {MAX_URL_CHARS} characters")
         if _has_lone_surrogate(item):
@@ -356,11 +318,11 @@ def _fast_mode(fields: "_Fields") -> FastMode:
     if acceleration is not None:
         allowed = ", ".join(f'"{m.value}"' for m in FastMode)
         if not isinstance(acceleration, str):
-            raise ValidationError("acceleration", f"must be one of {allowed}, got {_json_type(acceleration)}")
+            raise ValidationError("acceleration", f"must be one of {allowed}, got {json_type(acceleration)}")
         try:
             mode = FastMode(acceleration.strip().lower())
         except ValueError:
-            raise ValidationError("acceleration", f"must be one of {allowed}, got {_preview(acceleration)}") from None
+            raise ValidationError("acceleration", f"must be one of {allowed}, got {preview(acceleration)}") from None
     if go_fast is not None:
         if acceleration is not None and go_fast != (mode is not FastMode.NONE):
             raise ValidationError("go_fast", f"contradicts acceleration {mode.value!r}: give one of them")
@@ -399,7 +361,7 @@ def _seed(value: int) -> int:
     if value == -1:
         return secrets.randbelow(SEED_LIMIT)
     if not 0 <= value < SEED_LIMIT:
-        raise ValidationError("seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {_preview(value)}")
+        raise ValidationError("seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {preview(value)}")
     return value
 
 
@@ -408,12 +370,12 @@ def _output_format(value: Any, default: OutputFormat) -> OutputFormat:
         return default
     allowed = '"png", "jpeg" (or "jpg"), "webp"'
     if not isinstance(value, str):
-        raise ValidationError("output_format", f"must be one of {allowed}, got {_json_type(value)}")
+        raise ValidationError("output_format", f"must be one of {allowed}, got {json_type(value)}")
     name = value.strip().lower()
     try:
         return OutputFormat("jpeg" if name == "jpg" else name)
     except ValueError:
-        raise ValidationError("output_format", f"must be one of {allowed}, got {_preview(value)}") from None
+        raise ValidationError("output_format", f"must be one of {allowed}, got {preview(value)}") from None
 
 
 def _reject_unknown_fields(raw: Mapping[Any, Any]) -> None:
@@ -422,7 +384,7 @@ def _reject_unknown_fields(raw: Mapping[Any, Any]) -> None:
         return
     described = []
     for key in unknown[:5]:
-        name = _preview(key if isinstance(key, str) else repr(key))
+        name = preview(key if isinstance(key, str) else repr(key))
         close = difflib.get_close_matches(str(key), sorted(_FIELDS), n=1)
         described.append(f"{name} (did you mean '{close[0]}'?)" if close else name)
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
@@ -431,8 +393,15 @@ def _reject_unknown_fields(raw: Mapping[Any, Any]) -> None:
     )
 
 
+_T = TypeVar("_T")
+
+
 class _Fields:
-    """Typed, strict reads of one object's fields; every failure names the field."""
+    """Typed, strict reads of one object's fields; every failure names the field.
+
+    Each reader returns the parsed value, or ``default`` when the field is absent or JSON null; the return type
+    follows the default's (``default=None`` gives an optional value).
+    """
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self._raw = raw
@@ -458,7 +427,7 @@ class _Fields:
                 raise ValidationError(field, "is required")
             return default
         if not isinstance(value, str):
-            raise ValidationError(field, f"must be a string, got {_json_type(value)}")
+            raise ValidationError(field, f"must be a string, got {json_type(value)}")
         if non_empty and not value.strip():
             raise ValidationError(field, "must not be empty")
         if len(value) > max_chars:
@@ -467,59 +436,85 @@ class _Fields:
             raise ValidationError(field, _LONE_SURROGATE_RULE)
         return value
 
+    @overload
     def integer(
-        self, name: str, *, default: Any, low: int | None = None, high: int | None = None, field_prefix: str = ""
-    ) -> Any:
+        self, name: str, *, default: int, low: int | None = ..., high: int | None = ..., field_prefix: str = ...
+    ) -> int: ...
+    @overload
+    def integer(
+        self, name: str, *, default: None, low: int | None = ..., high: int | None = ..., field_prefix: str = ...
+    ) -> int | None: ...
+    def integer(
+        self, name: str, *, default: int | None, low: int | None = None, high: int | None = None, field_prefix: str = ""
+    ) -> int | None:
         field = field_prefix + name
         value = self.optional(name)
         if value is None:
             return default
         # bool is an int subclass in Python; JSON true must not pass as 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValidationError(field, f"must be an integer, got {_json_type(value)} {_preview(value)}")
+            raise ValidationError(field, f"must be an integer, got {json_type(value)} {preview(value)}")
         if low is not None and high is not None and not low <= value <= high:
-            raise ValidationError(field, f"must be between {low} and {high}, got {_preview(value)}")
+            raise ValidationError(field, f"must be between {low} and {high}, got {preview(value)}")
         return value
 
-    def number(self, name: str, *, default: Any, low: float, high: float, field_prefix: str = "") -> Any:
+    @overload
+    def number(self, name: str, *, default: float, low: float, high: float, field_prefix: str = ...) -> float: ...
+    @overload
+    def number(self, name: str, *, default: None, low: float, high: float, field_prefix: str = ...) -> float | None: ...
+    def number(
+        self, name: str, *, default: float | None, low: float, high: float, field_prefix: str = ""
+    ) -> float | None:
         field = field_prefix + name
         value = self.optional(name)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValidationError(field, f"must be a number, got {_json_type(value)} {_preview(value)}")
+            raise ValidationError(field, f"must be a number, got {json_type(value)} {preview(value)}")
         try:
             number = float(value)
         except OverflowError:  # a JSON integer too large for a float
             number = math.inf
         if not math.isfinite(number) or not low <= number <= high:
-            raise ValidationError(field, f"must be between {low:g} and {high:g}, got {_preview(value)}")
+            raise ValidationError(field, f"must be between {low:g} and {high:g}, got {preview(value)}")
         return number
 
-    def boolean(self, name: str, *, default: Any) -> Any:
+    @overload
+    def boolean(self, name: str, *, default: bool) -> bool: ...
+    @overload
+    def boolean(self, name: str, *, default: None) -> bool | None: ...
+    def boolean(self, name: str, *, default: bool | None) -> bool | None:
         value = self.optional(name)
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ValidationError(name, f"must be a boolean (true or false), got {_json_type(value)} {_preview(value)}")
+            raise ValidationError(name, f"must be a boolean (true or false), got {json_type(value)} {preview(value)}")
         return value
 
-    def aliased_number(self, canonical: str, **kwargs: Any) -> Any:
-        return self._aliased(canonical, self.number, **kwargs)
+    @overload
+    def aliased_number(self, canonical: str, *, default: float, low: float, high: float) -> float: ...
+    @overload
+    def aliased_number(self, canonical: str, *, default: None, low: float, high: float) -> float | None: ...
+    def aliased_number(self, canonical: str, *, default: float | None, low: float, high: float) -> float | None:
+        return self._aliased(canonical, lambda name: self.number(name, default=None, low=low, high=high), default)
 
-    def aliased_integer(self, canonical: str, **kwargs: Any) -> Any:
-        return self._aliased(canonical, self.integer, **kwargs)
+    def aliased_integer(self, canonical: str, *, default: int, low: int, high: int) -> int:
+        return self._aliased(canonical, lambda name: self.integer(name, default=None, low=low, high=high), default)
 
-    def aliased_boolean(self, canonical: str, **kwargs: Any) -> Any:
-        return self._aliased(canonical, self.boolean, **kwargs)
+    def aliased_boolean(self, canonical: str, *, default: bool) -> bool:
+        return self._aliased(canonical, lambda name: self.boolean(name, default=None), default)
 
-    def _aliased(self, canonical: str, read: Any, **kwargs: Any) -> Any:
+    def _aliased(self, canonical: str, read: Callable[[str], _T | None], default: _T) -> _T:
         """Read a field that several hosts name differently; the names given must agree."""
-        given = [(name, read(name, **kwargs)) for name in _ALIASES[canonical] if self.optional(name) is not None]
+        given: list[tuple[str, _T]] = []
+        for name in _ALIASES[canonical]:
+            value = read(name)
+            if value is not None:
+                given.append((name, value))
         for name, value in given[1:]:
             if value != given[0][1]:
                 raise ValidationError(name, f"contradicts {given[0][0]} ({given[0][1]!r} vs {value!r}): give one of them")
-        return given[0][1] if given else kwargs["default"]
+        return given[0][1] if given else default
 
 
 # JSON may carry "\ud800" escapes, which decode to unpaired surrogates: not text any UTF-8 consumer accepts. Left
@@ -531,34 +526,3 @@ _LONE_SURROGATE_RULE = "must be valid Unicode text (it contains an unpaired surr
 
 def _has_lone_surrogate(text: str) -> bool:
     return not text.isascii() and _LONE_SURROGATE.search(text) is not None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
-def _preview(value: Any, limit: int = 40) -> str:
-    """A short, safe rendering of user input for an error message (never echo a whole payload back)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"an integer of {value.bit_length()} bits"  # repr() of a huge int is slow, and refused past 4300 digits
-    try:
-        text = repr(value)
-    except ValueError:
-        # Such an integer inside an array or object ([10**5000]) made repr() raise, and the request failed as an
-        # internal error instead of naming the field.
-        return _json_type(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,5 +1,7 @@
-"""Output sizes: the named presets other hosts use, and the rules the Qwen-Image pipelines follow.
+"""Output sizes: every size rule, the named presets other hosts use, and the plan of what a job renders.
 
+- The rules: each side ``MIN_SIDE``..``MAX_SIDE`` and a multiple of ``SIDE_MULTIPLE`` (``check_dimensions``).
+- ``plan_output``: the one function the worker calls to decide what the model renders and what the caller receives.
 - ``ASPECT_RATIOS``: the Qwen-Image model card's recommended resolution per aspect ratio (Replicate's
   ``optimize_for_quality``, and ``aspect_ratio`` on its own).
 - ``FAL_PRESETS``: fal's ``image_size`` preset names.
@@ -9,6 +11,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from .errors import ValidationError, preview
+
+# Qwen-Image's own limits are looser; these keep a request within what one GPU job should take. Multiples of 16:
+# the VAE downsamples by 8 and the transformer packs 2x2 latent patches.
+MIN_SIDE = 256
+MAX_SIDE = 2048
+SIDE_MULTIPLE = 16
 
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1328, 1328),
@@ -52,3 +63,62 @@ def edit_output_size(input_width: int, input_height: int) -> tuple[int, int]:
 
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
+
+
+def check_dimensions(width: int, height: int, *, field: str) -> None:
+    """Raise ValidationError naming ``field`` unless both sides are in range and multiples of SIDE_MULTIPLE."""
+    for side_name, side in (("width", width), ("height", height)):
+        # preview, not str(): str() of a JSON integer like 10**5000 raises ValueError (past 4300 digits), which
+        # escaped as an internal error instead of naming the field.
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise ValidationError(field, f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {preview(side)}")
+        if side % SIDE_MULTIPLE:
+            raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {preview(side)}")
+
+
+def nearest_allowed_side(side: int) -> int:
+    """The side length closest to ``side`` that the rules allow."""
+    return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+
+
+def in_range(width: int, height: int) -> bool:
+    return all(MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Sizes decided before generating: what the model renders, and what the caller receives."""
+
+    width: int
+    height: int
+    delivered: tuple[int, int]
+
+
+def plan_output(
+    requested: tuple[int, int] | None,
+    reference: tuple[int, int] | None,
+    *,
+    match_input_size: bool = False,
+    field: str = "image",
+) -> OutputPlan:
+    """What a job renders and delivers.
+
+    ``requested`` is the request's size (already checked), or None for an edit whose size follows ``reference``, the
+    size of its (last) input image; ``field`` names that input in errors. With ``match_input_size`` the model renders
+    near the input's own size and the result is resized to the input's exact dimensions.
+    """
+    if requested is not None:
+        return OutputPlan(requested[0], requested[1], requested)
+    if reference is None:
+        raise ValueError("an output plan needs a requested size or a reference image")
+    ref_width, ref_height = reference
+    if match_input_size and in_range(ref_width, ref_height):
+        return OutputPlan(nearest_allowed_side(ref_width), nearest_allowed_side(ref_height), reference)
+    width, height = edit_output_size(ref_width, ref_height)  # ~1 MP at the input's aspect, as the model does
+    try:
+        check_dimensions(width, height, field=field)
+    except ValidationError:
+        raise ValidationError(
+            field, f"has an aspect ratio too extreme for the model ({ref_width}x{ref_height}); give a size"
+        ) from None
+    return OutputPlan(width, height, reference if match_input_size else (width, height))
