@@ -594,7 +594,7 @@ def request_for(mode: str, size: int, steps_quality: int, prompt: str, fast_lora
 
 
 def one_run(runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any) -> dict[str, Any]:
-    from qwen_worker.pipelines import GenerationJob
+    from qwen_worker.runner import GenerationJob
     from qwen_worker.schema import parse_request
 
     request = parse_request(raw)
@@ -858,11 +858,12 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     if stub:
         notes.append(stub)
     from qwen_worker.models import ResolvedModel
-    from qwen_worker.pipelines import LightningFiles, LoadedPipeline, PipelineRunner
+    from qwen_worker.loading import LightningFiles, LoadedPipeline
+    from qwen_worker.runner import PipelineRunner
     from qwen_worker.schema import Task
 
     device = torch.device(args.device)
-    if args.dtype == "auto":  # the worker's own choice (pipelines.dtype_for): bf16 on CUDA, float32 on a CPU
+    if args.dtype == "auto":  # the worker's own choice (loading.dtype_for): bf16 on CUDA, float32 on a CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
@@ -937,7 +938,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         )
         loaded = LoadedPipeline(
             model=model, pipeline=pipeline, task=Task.TEXT_TO_IMAGE, accepts_multiple_images=False,
-            load_seconds=build_seconds, lightning=lightning,
+            lightning=lightning,
         )
         runner = PipelineRunner([loaded], device)
         prompt = prompt_for(pipeline, args.text_tokens)

@@ -74,7 +74,7 @@ def test_regional_compilation_matches_the_reference_and_warms_up_at_start(tiny_m
 @pytest.fixture
 def batched_calls(monkeypatch):
     """Counts the batched forwards really run, by wrapping the class the runner uses."""
-    from qwen_worker import acceleration, pipelines
+    from qwen_worker import acceleration, runner
 
     counts = []
 
@@ -83,7 +83,7 @@ def batched_calls(monkeypatch):
             counts.append(self.batched_calls)
             return super().__exit__(*exc)
 
-    monkeypatch.setattr(pipelines, "BatchedTrueCFG", Counting)
+    monkeypatch.setattr(runner, "BatchedTrueCFG", Counting)
     return counts
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lora_files import random_pairs, write_diffusers
-from qwen_worker import worker as worker_module
 from qwen_worker.app import build_worker
 from qwen_worker.config import Settings
 from qwen_worker.schema import Task
@@ -75,7 +74,7 @@ def test_unexpected_error_is_generic_and_carries_no_traceback(worker, monkeypatc
     def broken(*args, **kwargs):
         raise KeyError("internal detail")
 
-    monkeypatch.setattr(worker_module, "encode_image", broken)
+    monkeypatch.setattr(worker, "encode", broken)
     result = worker.handle({"id": "bug", "input": t2i()})
     assert result == {"error": "Internal error while processing job bug; the worker's log has the details."}
     monkeypatch.undo()

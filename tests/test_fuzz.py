@@ -62,11 +62,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from runpod.serverless.utils import rp_ssrf
 
-import qwen_worker.worker as worker_module
 from qwen_worker.config import Settings
 from qwen_worker.errors import InputImageError, LoraError
 from qwen_worker.models import ResolvedModel
-from qwen_worker.pipelines import Generation, GenerationJob, LightningFiles, LoadedPipeline, PipelineRunner
+from qwen_worker.loading import LightningFiles, LoadedPipeline
+from qwen_worker.media import encode_image
+from qwen_worker.runner import Generation, GenerationJob, PipelineRunner
 from qwen_worker.schema import LoraRequest, OutputFormat, Request, Task
 from qwen_worker.storage import InlineStore
 from qwen_worker.worker import Worker
@@ -168,7 +169,7 @@ class _UntouchablePipeline:
 
 def _loaded(pipeline_class: str, task: Task, multi: bool, lightning: LightningFiles) -> LoadedPipeline:
     model = ResolvedModel(f"stub/{pipeline_class}", Path("/nonexistent"), None, "stub", pipeline_class)
-    return LoadedPipeline(model, _UntouchablePipeline(), task, multi, 0.0, lightning)
+    return LoadedPipeline(model, _UntouchablePipeline(), task, multi, lightning)
 
 
 BOTH_LIGHTNING = LightningFiles(Path("/nonexistent/8.safetensors"), Path("/nonexistent/4.safetensors"))
@@ -211,7 +212,27 @@ def make_worker(config: str) -> Worker:
     else:  # "edit-single": a single-image Edit model only, no fast mode
         runner = StubRunner([_loaded("QwenImageEditPipeline", Task.EDIT, False, LightningFiles())])
         loras = StubLoraStore()
-    return Worker(settings, runner, InlineStore(settings.max_inline_bytes), loras=loras)  # type: ignore[arg-type]
+    return Worker(
+        settings,
+        runner,  # type: ignore[arg-type]  # a stand-in with the runner's two methods
+        InlineStore(settings.max_inline_bytes),
+        loras=loras,  # type: ignore[arg-type]
+        fetch_image=stub_load_image,
+        encode=memo_encode,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode_uniform(size: tuple[int, int], pixel: Any, output_format: OutputFormat, quality: int | None) -> Any:
+    return encode_image(Image.new("RGB", size, pixel), output_format, quality)
+
+
+def memo_encode(image: Image.Image, output_format: OutputFormat, quality: int | None = None) -> Any:
+    """The real encoder, memoised: the stub's images are solid, so size, pixel and settings decide the bytes."""
+    assert image.mode == "RGB"
+    pixel = image.getpixel((0, 0))
+    assert image.getpixel((image.width - 1, image.height - 1)) == pixel
+    return _encode_uniform(image.size, pixel, output_format, quality)
 
 
 WORKERS: dict[str, Worker] = {}
@@ -228,24 +249,10 @@ def sealed_environment() -> Iterator[None]:
 
         return refuse
 
-    real_encode = worker_module.encode_image
-
-    @functools.lru_cache(maxsize=4096)
-    def encode_uniform(size: tuple[int, int], pixel: Any, output_format: OutputFormat, quality: int | None) -> Any:
-        return real_encode(Image.new("RGB", size, pixel), output_format, quality)
-
-    def memo_encode(image: Image.Image, output_format: OutputFormat, quality: int | None = None) -> Any:
-        assert image.mode == "RGB"
-        pixel = image.getpixel((0, 0))
-        assert image.getpixel((image.width - 1, image.height - 1)) == pixel  # the stub's images are solid
-        return encode_uniform(image.size, pixel, output_format, quality)
-
     logger = logging.getLogger("qwen_worker")
     level = logger.level
     logger.setLevel(logging.ERROR)  # a warning per refused job would pile up 10 000 log records
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(worker_module, "load_image", stub_load_image)
-        patch.setattr(worker_module, "encode_image", memo_encode)
         patch.setattr(rp_ssrf, "safe_get", no_network("rp_ssrf.safe_get"))
         for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "create_connection"):
             patch.setattr(socket, name, no_network(f"socket.{name}"))
@@ -988,7 +995,7 @@ def test_hostile_values_found_by_the_fuzzer_name_their_field(raw, field):
 @pytest.mark.parametrize("shape", [(3000, 600), (100, 500)])
 def test_match_input_size_with_an_extreme_input_is_refused_not_rendered_out_of_range(shape, monkeypatch):
     """Once a bug: inputs outside 256..2048 and beyond ~1:4 went to the pipeline at e.g. 2304x448."""
-    monkeypatch.setattr(worker_module, "load_image", lambda reference, limits, field="image": _uniform_image(*shape))
+    monkeypatch.setattr(WORKERS["full"], "fetch_image", lambda reference, limits, field="image": _uniform_image(*shape))
     RECORD.clear()
     result = WORKERS["full"].handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png", "match_input_size": True}))
     assert RECORD.jobs == []  # nothing reached the pipeline

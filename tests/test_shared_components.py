@@ -3,6 +3,7 @@ files are really identical."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 
@@ -58,29 +59,50 @@ def test_sharing_can_be_switched_off(tiny_models):
     assert t2i.text_encoder is not edit.text_encoder and t2i.vae is not edit.vae
 
 
-def test_hugging_face_cache_blobs_are_compared_by_name_without_hashing(tiny_models, tmp_path, monkeypatch):
-    """Two repos in one HF cache whose files link to the same blobs are identical without reading a byte."""
-    from qwen_worker import pipelines as module
-
-    cache = tmp_path / "hub"
+def link_into_hf_cache(tiny_models, cache):
+    """Both tiny repos laid out in one HF cache, their files links to content-addressed blobs as the hub makes them."""
     for repo, source in (("Qwen--Qwen-Image", tiny_models["qwen-image"]), ("Qwen--Qwen-Image-Edit", tiny_models["qwen-image-edit"])):
         snapshot = cache / f"models--{repo}" / "snapshots" / "rev"
         for path in sorted(source.rglob("*")):
             if path.is_file():
-                blob = cache / "blobs" / module._content_id(path)  # stand-in for the hub's content-addressed names
+                blob = cache / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()  # as the hub names blobs
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 if not blob.exists():
                     shutil.copyfile(path, blob)
                 link = snapshot / path.relative_to(source)
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(blob)
-    def no_reading(*args, **kwargs):
-        raise AssertionError("a blob's content was read: its name should have been enough")
+    return cache / "models--Qwen--Qwen-Image/snapshots/rev", cache / "models--Qwen--Qwen-Image-Edit/snapshots/rev"
 
-    monkeypatch.setattr(module, "open", no_reading, raising=False)  # shadows the builtin inside pipelines.py only
-    t2i, edit = pipelines(
-        worker_for(
-            cache / "models--Qwen--Qwen-Image/snapshots/rev", cache / "models--Qwen--Qwen-Image-Edit/snapshots/rev"
-        )
-    )
+
+@pytest.fixture
+def hashed_files(monkeypatch):
+    """Records every file whose content the pool hashes (patched where the pool reads files: raising if it moved)."""
+    from qwen_worker import loading
+
+    hashed = []
+    real = loading._file_sha256
+
+    def recording(path):
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(loading, "_file_sha256", recording)
+    return hashed
+
+
+def test_plain_folders_with_matching_listings_are_compared_by_content(tiny_models, tmp_path, hashed_files):
+    """The control for the test below: outside an HF cache, identical-looking folders are hashed file by file."""
+    t2i = shutil.copytree(tiny_models["qwen-image"], tmp_path / "t2i")
+    edit = shutil.copytree(tiny_models["qwen-image-edit"], tmp_path / "edit")
+    first, second = pipelines(worker_for(t2i, edit))
+    assert first.text_encoder is second.text_encoder and first.vae is second.vae
+    assert any(path.is_relative_to(edit / "vae") for path in hashed_files)
+
+
+def test_hugging_face_cache_blobs_are_compared_by_name_without_hashing(tiny_models, tmp_path, hashed_files):
+    """Two repos in one HF cache whose files link to the same blobs are identical without reading a byte."""
+    t2i_snapshot, edit_snapshot = link_into_hf_cache(tiny_models, tmp_path / "hub")
+    t2i, edit = pipelines(worker_for(t2i_snapshot, edit_snapshot))
     assert t2i.text_encoder is edit.text_encoder and t2i.vae is edit.vae
+    assert hashed_files == [], "a blob's content was hashed: its name should have been enough"

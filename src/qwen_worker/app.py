@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from .config import Settings
 from .errors import ConfigError
+from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
 from .loras import LoraStore
 from .models import resolve_folder, resolve_model
-from .pipelines import ComponentPool, LightningFiles, LoadedPipeline, PipelineRunner, dtype_for, load_pipeline, select_device
+from .runner import PipelineRunner
 from .progress import StepProgress, runpod_sender
 from .safety import SafetyChecker
 from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
@@ -41,7 +44,7 @@ def build_store(settings: Settings) -> ResultStore:
     return InlineStore(settings.max_inline_bytes)
 
 
-def build_safety(settings: Settings, device) -> SafetyPolicy:  # device: torch.device
+def build_safety(settings: Settings, device: torch.device) -> SafetyPolicy:
     if settings.safety_checker == "off":
         log.warning("safety checker disabled by operator (SAFETY_CHECKER=off)")
         return SafetyPolicy(checker=None, mode="off")

@@ -13,21 +13,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
 from .config import Settings
-from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
+from .errors import ContentFlaggedError, GenerationError, StorageError, WorkerError
 from .loras import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, load_image
-from .pipelines import Generation, GenerationJob, PipelineRunner, ProgressCallback
-from .pricing import cost_of
+from .response import dry_run_quote, job_result
+from .runner import Generation, GenerationJob, PipelineRunner, ProgressCallback
 from .safety import SafetyChecker
-from .schema import (
-    MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, FastMode, GenerationDefaults, Request, Task, check_dimensions, parse_request,
-)
-from .sizes import edit_output_size
+from .schema import OutputFormat, Request, parse_request
+from .sizes import OutputPlan, plan_output
 from .storage import InlineStore, ResultStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +44,12 @@ class SafetyPolicy:
     def applies_to(self, request: Request) -> bool:
         return self.checker is not None and (self.mode == "always" or request.enable_safety_checker)
 
+    def check(self, images: Sequence[Image.Image]) -> list[bool]:
+        """One flag per image (True = flagged). Only called where ``applies_to`` said the checker runs."""
+        if self.checker is None:
+            raise RuntimeError("the safety policy has no checker loaded")
+        return self.checker.check(images)
+
     def describe(self, request: Request) -> str:
         if self.mode == "off":
             return "disabled by operator"
@@ -54,16 +58,28 @@ class SafetyPolicy:
         return "enabled" if request.enable_safety_checker else "disabled by request"
 
 
-@dataclass(frozen=True)
-class OutputPlan:
-    """Sizes decided before generating: what the model renders, and what the caller receives."""
+class ImageFetcher(Protocol):
+    """Turns an input image reference (URL or data URI) into a decoded image; ``media.load_image`` is the real one."""
 
-    width: int
-    height: int
-    delivered: tuple[int, int]
+    def __call__(self, reference: str, limits: ImageLimits, *, field: str) -> Image.Image: ...
+
+
+class ImageEncoder(Protocol):
+    """Encodes a result image; ``media.encode_image`` is the real one."""
+
+    def __call__(self, image: Image.Image, output_format: OutputFormat, quality: int | None = None) -> EncodedImage: ...
+
+
+def _no_progress(job: Mapping[str, Any]) -> ProgressCallback | None:
+    return None
 
 
 class Worker:
+    """Runs jobs, one at a time, on the pipelines, store and policies ``app.py`` built.
+
+    ``fetch_image``, ``encode`` and ``progress`` are seams: tests pass stand-ins instead of patching module globals.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -72,7 +88,9 @@ class Worker:
         *,
         loras: LoraStore | None = None,
         safety: SafetyPolicy | None = None,
-        progress: Callable[[Mapping[str, Any]], ProgressCallback | None] = lambda job: None,
+        progress: Callable[[Mapping[str, Any]], ProgressCallback | None] = _no_progress,
+        fetch_image: ImageFetcher = load_image,
+        encode: ImageEncoder = encode_image,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -82,7 +100,9 @@ class Worker:
         self.loras = loras
         self.safety = safety or SafetyPolicy(checker=None, mode="off")
         self.progress = progress
-        self.defaults = GenerationDefaults(settings.default_steps, settings.default_true_cfg_scale)
+        self.fetch_image = fetch_image
+        self.encode = encode
+        self.defaults = settings.generation_defaults
         self.image_limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, settings.image_fetch_timeout_seconds
         )
@@ -117,7 +137,7 @@ class Worker:
             inputs = self._fetch_inputs(request)
         plan = self._plan_output(request, inputs)
         if request.dry_run:
-            return self._quote(request, plan)
+            return dry_run_quote(request, plan, price_per_megapixel=self.settings.price_per_megapixel)
         if inputs and self.safety.check_inputs and self.safety.applies_to(request):
             with _timed(timings, "safety_inputs"):
                 self._refuse_flagged_inputs(inputs)
@@ -132,13 +152,23 @@ class Worker:
             delivered, flags = self._screen(request, generation)
         with _timed(timings, "encode_image"):
             encoded = [
-                encode_image(_resized(image, plan.delivered), request.output_format, request.output_quality)
+                self.encode(_resized(image, plan.delivered), request.output_format, request.output_quality)
                 for _, image in delivered
             ]
         with _timed(timings, "upload"):
             urls, warning = self._store(job_id, encoded, inline=request.sync_mode)
 
-        result = self._result(request, generation, [seed for seed, _ in delivered], encoded, urls, flags, timings)
+        result = job_result(
+            request,
+            generation,
+            seeds=[seed for seed, _ in delivered],
+            encoded=encoded,
+            urls=urls,
+            flags=flags,
+            timings=timings,
+            price_per_megapixel=self.settings.price_per_megapixel,
+            safety_checker=self.safety.describe(request),
+        )
         if warning:
             result["warning"] = warning
         log.info(
@@ -155,99 +185,31 @@ class Worker:
         pairs = list(zip(request.seeds, generation.images))
         if not self.safety.applies_to(request):
             return pairs, None
-        flags = self.safety.checker.check(generation.images)  # type: ignore[union-attr]
+        flags = self.safety.check(generation.images)
         if all(flags):
             raise ContentFlaggedError(
                 FLAGGED_MESSAGE if len(flags) == 1 else f"all {len(flags)} generated images were flagged by the safety checker"
             )
         return [pair for pair, flagged in zip(pairs, flags) if not flagged], flags
 
-    def _result(
-        self,
-        request: Request,
-        generation: Generation,
-        seeds: list[int],
-        encoded: list[EncodedImage],
-        urls: list[str],
-        flags: list[bool] | None,
-        timings: dict[str, float],
-    ) -> dict[str, Any]:
-        """Runpod's {image_url, cost}, then what the other hosts return (images, seeds, sizes, flags, timings)."""
-        result: dict[str, Any] = {
-            "image_url": urls[0],
-            "cost": cost_of(((image.width, image.height) for image in encoded), self.settings.price_per_megapixel),
-            "images": [
-                {"url": url, "seed": seed, "width": image.width, "height": image.height, "content_type": image.format.mime_type}
-                for url, seed, image in zip(urls, seeds, encoded)
-            ],
-            "seed": seeds[0],
-            "width": encoded[0].width,
-            "height": encoded[0].height,
-            "num_inference_steps": generation.num_inference_steps,
-            "true_cfg_scale": generation.true_cfg_scale,
-            "safety_checker": self.safety.describe(request),
-            "timings": {name: round(ms, 1) for name, ms in timings.items()},
-            "model": {"id": generation.model.model_id, "revision": generation.model.revision},
-        }
-        if flags is not None:
-            result["has_nsfw_concepts"] = flags
-        if request.enhance_prompt:
-            result["prompt"] = request.effective_prompt
-        if request.fast_mode is not FastMode.NONE:
-            result["acceleration"] = request.fast_mode.value
-        notes = list(request.notes) + generation.notes
-        if flags is not None and any(flags):
-            notes.append(f"{sum(flags)} of {len(flags)} images were flagged by the safety checker and not delivered")
-        if notes:
-            result["notes"] = notes
-        return result
-
     def _fetch_inputs(self, request: Request) -> list[Image.Image]:
         many = len(request.image_urls) > 1
         return [
-            load_image(url, self.image_limits, field=f"images[{index}]" if many else "image")
+            self.fetch_image(url, self.image_limits, field=f"images[{index}]" if many else "image")
             for index, url in enumerate(request.image_urls)
         ]
 
     def _plan_output(self, request: Request, inputs: Sequence[Image.Image]) -> OutputPlan:
-        if request.width is not None and request.height is not None:
-            return OutputPlan(request.width, request.height, (request.width, request.height))
-        assert request.task is Task.EDIT and inputs
-        last = inputs[-1]  # Edit-Plus follows the last reference image, as the model does
-        field = "images" if len(inputs) > 1 else "image"
-        if request.match_input_size and _in_range(last.width, last.height):
-            # Render near the input's own size, then resize to its exact dimensions.
-            width, height = _nearest_allowed(last.width), _nearest_allowed(last.height)
-        else:
-            width, height = edit_output_size(last.width, last.height)  # ~1 MP at the input's aspect, as the model does
-            try:
-                check_dimensions(width, height, field=field)
-            except ValidationError:
-                raise ValidationError(
-                    field, f"has an aspect ratio too extreme for the model ({last.width}x{last.height}); give a size"
-                ) from None
-        return OutputPlan(width, height, last.size if request.match_input_size else (width, height))
-
-    def _quote(self, request: Request, plan: OutputPlan) -> dict[str, Any]:
-        """A dry run: what the job would produce and cost, with nothing generated."""
-        return {
-            "dry_run": True,
-            "task": request.task.value,
-            "cost": cost_of([plan.delivered] * request.num_images, self.settings.price_per_megapixel),
-            "width": plan.delivered[0],
-            "height": plan.delivered[1],
-            "num_images": request.num_images,
-            "seed": request.seed,
-            "seeds": request.seeds,
-            "num_inference_steps": request.num_inference_steps,
-            "true_cfg_scale": request.true_cfg_scale,
-            "output_format": request.output_format.value,
-            "prompt": request.effective_prompt,
-            **({"notes": list(request.notes)} if request.notes else {}),
-        }
+        requested = (request.width, request.height) if request.width is not None and request.height is not None else None
+        return plan_output(
+            requested,
+            inputs[-1].size if inputs else None,  # Edit-Plus follows the last reference image, as the model does
+            match_input_size=request.match_input_size,
+            field="images" if len(inputs) > 1 else "image",
+        )
 
     def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:
-        flags = self.safety.checker.check(inputs)  # type: ignore[union-attr]
+        flags = self.safety.check(inputs)
         if any(flags):
             names = ", ".join("image" if len(inputs) == 1 else f"images[{i}]" for i, f in enumerate(flags) if f)
             raise ContentFlaggedError(f"the input image ({names}) was flagged by the safety checker; nothing was generated")
@@ -274,14 +236,6 @@ class Worker:
 
 def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
-
-
-def _nearest_allowed(side: int) -> int:
-    return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
-
-
-def _in_range(width: int, height: int) -> bool:
-    return all(MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
 
 
 @contextmanager

@@ -1,0 +1,230 @@
+"""Loading the diffusers pipelines once per process: which classes, on which device, in which dtype, sharing what.
+
+The same code loads the tiny random-weight pipelines the tests build and the real 20B checkpoints.
+
+- The pipeline class comes from the folder's ``model_index.json``, so Qwen-Image, Qwen-Image-Edit and
+  Qwen-Image-Edit-Plus (2509/2511) folders all load through one path (``SUPPORTED_PIPELINES``).
+- Edit pipelines get an image-only Qwen2-VL processor (see ``processor.py``) so torchvision is never needed.
+- bf16 on CUDA, float32 on CPU; ``local_files_only`` always (the hub is never contacted at run time).
+- Large components go through a ``ComponentPool``, so two pipelines with identical text encoder or VAE files share
+  one copy; the speed options of ``acceleration.py`` are applied here, once per transformer.
+
+Running a loaded pipeline for a job is ``runner.py``'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .acceleration import AccelerationSettings, apply_acceleration, warm_up
+from .errors import ConfigError
+from .models import ResolvedModel
+from .schema import FastMode, Task
+
+log = logging.getLogger(__name__)
+
+# model_index.json class name -> (task it serves, accepts several reference images)
+SUPPORTED_PIPELINES: dict[str, tuple[Task, bool]] = {
+    "QwenImagePipeline": (Task.TEXT_TO_IMAGE, False),
+    "QwenImageEditPipeline": (Task.EDIT, False),
+    "QwenImageEditPlusPipeline": (Task.EDIT, True),
+}
+
+
+@dataclass(frozen=True)
+class LightningFiles:
+    """Lightning distillation LoRAs per task: the 8-step file (go_fast / "regular") and the 4-step one ("high")."""
+
+    eight_step: Path | None = None
+    four_step: Path | None = None
+
+    def for_mode(self, mode: FastMode) -> Path | None:
+        return {FastMode.REGULAR: self.eight_step, FastMode.HIGH: self.four_step}.get(mode)
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline ready for jobs, with what the runner needs to know about it.
+
+    ``compiled_sizes`` and ``batched_cfg`` are the two speed options (``acceleration.py``) that matter per job: the
+    runner logs a size that was not warmed up, and wraps true-CFG jobs in batched CFG.
+    """
+
+    model: ResolvedModel
+    pipeline: Any  # a diffusers DiffusionPipeline subclass
+    task: Task
+    accepts_multiple_images: bool
+    lightning: LightningFiles = field(default_factory=LightningFiles)
+    compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
+    batched_cfg: bool = False
+
+
+def select_device(require_cuda: bool) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if require_cuda:
+        raise ConfigError(
+            "REQUIRE_CUDA is set but no CUDA device is visible: refusing to run a 20B model on the CPU. "
+            "Check the endpoint's GPU type and the CUDA driver, or unset REQUIRE_CUDA for a CPU run."
+        )
+    return torch.device("cpu")
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # bf16 is the checkpoints' own dtype; CPUs run it slowly and inexactly, so the CPU gets float32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(
+    model: ResolvedModel,
+    device: torch.device,
+    lightning: LightningFiles = LightningFiles(),
+    pool: ComponentPool | None = None,
+    acceleration: AccelerationSettings = AccelerationSettings(),
+) -> LoadedPipeline:
+    """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
+
+    Model components (transformer, text encoder, VAE) are loaded one by one so each load is timed in the log, and
+    through ``pool`` so that a component already loaded for another pipeline, with identical files, is reused
+    rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are checked now
+    (a typo in the configuration should stop the worker, not fail jobs) and applied per job.
+    """
+    import diffusers
+
+    for path in (lightning.eight_step, lightning.four_step):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"Lightning LoRA file {path} for {model.model_id} does not exist")
+    if model.pipeline_class not in SUPPORTED_PIPELINES:
+        raise ConfigError(
+            f"Model {model.model_id} at {model.path} is a {model.pipeline_class}; this worker serves "
+            + ", ".join(SUPPORTED_PIPELINES)
+        )
+    task, multi_image = SUPPORTED_PIPELINES[model.pipeline_class]
+    pipeline_class = getattr(diffusers, model.pipeline_class)
+    pool = pool or ComponentPool(share=False)
+
+    started = time.perf_counter()
+    try:
+        components = {
+            name: pool.load(model, name, library, class_name, device)
+            for name, (library, class_name) in _model_components(model.path).items()
+        }
+        if task is Task.EDIT:
+            from .processor import load_processor
+
+            components["processor"] = load_processor(model.path / "processor")
+        # Everything not passed in (tokenizer, scheduler) is small and loaded by diffusers itself.
+        pipeline = pipeline_class.from_pretrained(
+            model.path, dtype=dtype_for(device), local_files_only=True, **components
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
+    pipeline.to(device)  # a no-op for components already there; moves nothing large twice
+    pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
+    if pool.first_use(pipeline.transformer):  # a shared transformer is configured (and compiled) once
+        apply_acceleration(pipeline.transformer, acceleration)
+    if acceleration.compile:
+        warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
+    compiled_sizes = set(acceleration.warmup_sizes) if acceleration.compile else None
+    return LoadedPipeline(model, pipeline, task, multi_image, lightning, compiled_sizes, acceleration.batched_cfg)
+
+
+# The components worth timing one by one and sharing between pipelines: the large torch modules.
+MODEL_COMPONENT_NAMES = ("transformer", "text_encoder", "vae")
+
+
+def _model_components(folder: Path) -> dict[str, tuple[str, str]]:
+    index = json.loads((folder / "model_index.json").read_text())
+    return {
+        name: (entry[0], entry[1])
+        for name, entry in index.items()
+        if name in MODEL_COMPONENT_NAMES and isinstance(entry, list) and len(entry) == 2 and entry[0]
+    }
+
+
+class ComponentPool:
+    """Model components loaded in this process, so a second pipeline reuses identical ones instead of a second copy.
+
+    Qwen-Image and Qwen-Image-Edit ship the same Qwen2.5-VL text encoder and VAE (about 17 GB in bf16). Identity is
+    checked, never assumed: two component folders match when they hold the same files with the same content. In a
+    Hugging Face cache each file links to a blob named by its content hash, so comparing blob names is free; plain
+    folders are hashed, and only when the file names and sizes already match.
+    """
+
+    def __init__(self, share: bool = True) -> None:
+        self.share = share
+        self._loaded: list[tuple[str, Path, Any]] = []  # (class name, folder, module)
+        self._fingerprints: dict[Path, str] = {}
+        self._configured: set[int] = set()
+
+    def first_use(self, module: Any) -> bool:
+        """True the first time a module is seen: per-module set-up must not run twice on a shared one."""
+        if id(module) in self._configured:
+            return False
+        self._configured.add(id(module))
+        return True
+
+    def load(self, model: ResolvedModel, name: str, library: str, class_name: str, device: torch.device) -> Any:
+        folder = model.path / name
+        if self.share:
+            for loaded_class, loaded_folder, module in self._loaded:
+                if loaded_class == class_name and self._same_files(loaded_folder, folder):
+                    log.info("%s: %s shared with the already loaded %s (identical files)", model.model_id, name, loaded_folder)
+                    return module
+        started = time.perf_counter()
+        component_class = getattr(importlib.import_module(library), class_name)
+        kwargs: dict[str, Any] = {"dtype": dtype_for(device), "local_files_only": True}
+        if device.type == "cuda":
+            kwargs["device_map"] = "cuda"  # load shards straight onto the GPU, skipping a CPU copy
+        module = component_class.from_pretrained(folder, **kwargs)
+        if device.type != "cuda":
+            module.to(device)
+        log.info("%s: loaded %s (%s) in %.1f s", model.model_id, name, class_name, time.perf_counter() - started)
+        self._loaded.append((class_name, folder, module))
+        return module
+
+    def _same_files(self, first: Path, second: Path) -> bool:
+        if first.resolve() == second.resolve():
+            return True
+        if _listing(first) != _listing(second):  # names and sizes: cheap, and settles most differences
+            return False
+        return self._fingerprint(first) == self._fingerprint(second)
+
+    def _fingerprint(self, folder: Path) -> str:
+        if folder not in self._fingerprints:
+            digest = hashlib.sha256()
+            for relative, _size in _listing(folder):
+                digest.update(relative.encode() + b"\0" + _content_id(folder / relative).encode() + b"\0")
+            self._fingerprints[folder] = digest.hexdigest()
+        return self._fingerprints[folder]
+
+
+def _listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(path.relative_to(folder)), path.stat().st_size) for path in folder.rglob("*") if path.is_file())
+
+
+def _content_id(path: Path) -> str:
+    """A file's content hash: the blob name when it links into a Hugging Face cache, else its sha256."""
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs":
+        return target.name
+    return _file_sha256(target)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
