@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: venv models demo test bench clean s3-server
+.PHONY: venv models demo test lint bench clean s3-server
 
 # Re-install only when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -36,6 +36,11 @@ s3-server:
 
 test: $(VENV)/.installed s3-server
 	$(PY) -m pytest
+
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify) over everything, mypy --strict over src/ and handler.py.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Everything around the model for a 1 MP result (validate, encode, upload to a local S3 server it starts itself,
 # respond) beside a naive baseline, then an encoder-settings sweep. A benchmark, not a test: see docs/PERFORMANCE.md.

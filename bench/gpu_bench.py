@@ -57,6 +57,7 @@ import contextlib
 import datetime
 import importlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -143,7 +144,7 @@ def _ensure_runpod_importable() -> str | None:
     modules["runpod.serverless.utils.rp_ssrf"].SSRFError = SSRFError
     modules["runpod.serverless.utils.rp_ssrf"].safe_get = _refuse
     modules["runpod.serverless.utils.rp_ssrf"].iter_content_capped = _refuse
-    for parent, child in zip(names, names[1:]):
+    for parent, child in itertools.pairwise(names):
         setattr(modules[parent], child.rsplit(".", 1)[1], modules[child])
     sys.modules.update(modules)
     return "runpod SDK not installed: a stub of runpod.serverless.utils.rp_ssrf was used (URL LoRA downloads only)"
@@ -531,7 +532,7 @@ class ForwardProbe:
     def _elapsed_ms(self, start: Any, end: Any) -> float:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1000
 
-    def __enter__(self) -> "ForwardProbe":
+    def __enter__(self) -> ForwardProbe:
         self.start = self._mark()
         self._hooks = [
             self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -857,8 +858,8 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     stub = _ensure_runpod_importable()  # before the worker's modules are imported
     if stub:
         notes.append(stub)
-    from qwen_worker.models import ResolvedModel
     from qwen_worker.loading import LightningFiles, LoadedPipeline
+    from qwen_worker.models import ResolvedModel
     from qwen_worker.runner import PipelineRunner
     from qwen_worker.schema import Task
 
@@ -879,7 +880,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     lora_rank = args.lora_rank or (TINY_LORA_RANK if args.tiny else LIGHTNING_RANK)
     report: dict[str, Any] = {
         "schema": "qwen-worker gpu_bench 1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "complete": False,
         "tiny": args.tiny,
         "device": dev,

@@ -365,7 +365,7 @@ def time_round_robin(image: Image.Image, configs: list[tuple[str, str, dict]], r
             if round_index < caps[index]:
                 ms, data[index] = encode_once(image, fmt, options)
                 times[index].append(ms)
-    return list(zip(times, data))
+    return list(zip(times, data, strict=True))
 
 
 def run_sweep(image: Image.Image, text_box: tuple[int, int, int, int], runs: int) -> list[dict]:
@@ -373,7 +373,9 @@ def run_sweep(image: Image.Image, text_box: tuple[int, int, int, int], runs: int
     left, top, right, bottom = text_box
     configs = sweep_configs()
     rows = []
-    for (fmt, label, options), (times, data) in zip(configs, time_round_robin(image, configs, runs, 6000.0)):
+    for (fmt, label, options), (times, data) in zip(
+        configs, time_round_robin(image, configs, runs, 6000.0), strict=True
+    ):
         decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         if fmt == "png" and not np.array_equal(decoded, reference):
             raise RuntimeError(f"png {label} did not decode to the fixture")
@@ -388,8 +390,9 @@ def run_sweep(image: Image.Image, text_box: tuple[int, int, int, int], runs: int
     noise = noise_image()
     noise_configs = [("png", "compress_level=1", {"compress_level": 1}),
                      ("png", "compress_level=6 (Pillow default)", {"compress_level": 6})]
-    for (fmt, label, options), (times, data) in zip(noise_configs,
-                                                     time_round_robin(noise, noise_configs, min(runs, 5), 3000.0)):
+    for (fmt, label, options), (times, data) in zip(
+        noise_configs, time_round_robin(noise, noise_configs, min(runs, 5), 3000.0), strict=True
+    ):
         rows.append({"fixture": "noise", "format": fmt, "settings": label, "options": options, "bytes": len(data),
                      "bits_per_pixel": 8 * len(data) / (noise.width * noise.height), "encode_ms": summary(times),
                      "psnr_db": None, "psnr_text_db": None})
@@ -433,7 +436,7 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],

@@ -39,6 +39,7 @@ Exit status: 0 everything fetched and verified (or ``--models none``), 1 a downl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -108,7 +109,9 @@ CONFIG_FILES = (
 # Components that always carry weights, whatever their class is called.
 MODEL_COMPONENTS = frozenset({"transformer", "vae", "text_encoder", "unet", "image_encoder"})
 # Classes without weights: tokenizers, processors, schedulers.
-_WEIGHTLESS_CLASS_SUFFIXES = ("Tokenizer", "TokenizerFast", "Processor", "ProcessorFast", "FeatureExtractor", "Scheduler")
+_WEIGHTLESS_CLASS_SUFFIXES = (
+    "Tokenizer", "TokenizerFast", "Processor", "ProcessorFast", "FeatureExtractor", "Scheduler",
+)
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 STALE_PARTIAL_SECONDS = 3600
 
@@ -271,10 +274,8 @@ def _close_bars(progress: type) -> None:
     state now, once, instead of again at exit and glued to whatever line comes next."""
     for bar in list(getattr(progress, "_instances", ())):
         if isinstance(bar, progress):
-            try:
+            with contextlib.suppress(Exception):  # a progress bar must never fail a download
                 bar.close()
-            except Exception:  # noqa: BLE001 - a progress bar must never fail a download
-                pass
 
 
 def _stderr_is_tty() -> bool:
@@ -318,7 +319,10 @@ def _describe_error(err: BaseException, repo_id: str, revision: str | None, toke
         message = f"a file listed in {where} could not be found on the Hub: {_first_line(err)}"
     elif status in (401, 403):
         # The Hub answers 401 for private and gated repos without a valid token, and for repos that do not exist.
-        message = f"HF_TOKEN missing or lacks access to {repo_id} (HTTP {status}: {token_hint}; or the repo does not exist)"
+        message = (
+            f"HF_TOKEN missing or lacks access to {repo_id} (HTTP {status}: {token_hint}; "
+            "or the repo does not exist)"
+        )
     elif status == 404 or any(isinstance(e, RepositoryNotFoundError) for e in chain):
         message = f"repo or revision not found: {where} (HTTP {status or 404})"
     elif status is not None:
@@ -500,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--t2i-repo", default=DEFAULT_REPOS["t2i"], metavar="REPO", help="default: %(default)s")
     parser.add_argument("--edit-repo", default=DEFAULT_REPOS["edit"], metavar="REPO", help="default: %(default)s")
-    parser.add_argument("--edit-plus-repo", default=DEFAULT_REPOS["edit-plus"], metavar="REPO", help="default: %(default)s")
+    parser.add_argument(
+        "--edit-plus-repo", default=DEFAULT_REPOS["edit-plus"], metavar="REPO", help="default: %(default)s"
+    )
     parser.add_argument("--revision-t2i", metavar="REV", help="branch, tag or commit (default: main)")
     parser.add_argument("--revision-edit", metavar="REV")
     parser.add_argument("--revision-edit-plus", metavar="REV")
@@ -533,7 +539,9 @@ def plan(args: argparse.Namespace) -> list[Target]:
         raise UsageError(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(MODEL_CHOICES)}, or none)")
     repos = {"t2i": args.t2i_repo, "edit": args.edit_repo, "edit-plus": args.edit_plus_repo}
     revisions = {"t2i": args.revision_t2i, "edit": args.revision_edit, "edit-plus": args.revision_edit_plus}
-    targets = [Target(name, _repo_id(repos[name], f"--{name}-repo"), revisions[name] or None) for name in dict.fromkeys(names)]
+    targets = [
+        Target(name, _repo_id(repos[name], f"--{name}-repo"), revisions[name] or None) for name in dict.fromkeys(names)
+    ]
     for spec in args.extra_repo:
         repo, _, rev = spec.partition("@")
         targets.append(Target("extra", _repo_id(repo, "--extra-repo"), rev.strip() or None))

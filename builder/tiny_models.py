@@ -20,6 +20,7 @@ processor settings. Only the vocabulary, widths and depths are tiny. The output 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -58,8 +59,8 @@ from transformers import (  # noqa: E402
     Qwen2Tokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 SEED = 0
 
@@ -155,7 +156,7 @@ def _learn_merges(corpus: list[str]) -> list[tuple[str, str]]:
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             return merges

@@ -116,7 +116,7 @@ class BatchedTrueCFG:
         self._pending: tuple[dict[str, Any], torch.Tensor] | None = None
         self.batched_calls = 0
 
-    def __enter__(self) -> "BatchedTrueCFG":
+    def __enter__(self) -> BatchedTrueCFG:
         self._had_own_forward = "forward" in vars(self.transformer)
         self._original = self.transformer.forward
         self.transformer.forward = self._forward  # an instance attribute shadows the class's forward
@@ -157,7 +157,9 @@ class BatchedTrueCFG:
         )[0]
         batch = cond["hidden_states"].shape[0]
         if output[:batch].shape != placeholder.shape:
-            raise RuntimeError(f"batched CFG: output {tuple(output.shape)} does not match input {tuple(placeholder.shape)}")
+            raise RuntimeError(
+                f"batched CFG: output {tuple(output.shape)} does not match input {tuple(placeholder.shape)}"
+            )
         placeholder.copy_(output[:batch])
         self.batched_calls += 1
         return (output[batch:],)

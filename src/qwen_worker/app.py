@@ -1,4 +1,7 @@
-"""The composition root: read the environment, load models once, wire the worker. ``handler.py`` calls ``create_worker``."""
+"""The composition root: read the environment, load models once, wire the worker.
+
+``handler.py`` calls ``create_worker``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from .errors import ConfigError
 from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
 from .loras import LoraStore
 from .models import resolve_folder, resolve_model
-from .runner import PipelineRunner
 from .progress import StepProgress, runpod_sender
+from .runner import PipelineRunner
 from .safety import SafetyChecker
 from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
 from .worker import SafetyPolicy, Worker

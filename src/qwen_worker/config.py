@@ -8,9 +8,9 @@ README's "Environment variables" table (tests/test_docs.py holds the two in step
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
@@ -134,7 +134,9 @@ class Settings:
             bucket=_bucket_settings(reader),
             upload_fallback_inline=reader.choice("UPLOAD_FALLBACK", "off", ("off", "inline")) == "inline",
             lora_cache_dir=reader.path("LORA_CACHE_DIR", None) or default.lora_cache_dir,
-            lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", default.lora_cache_max_bytes, low=1, high=1 << 50),
+            lora_cache_max_bytes=reader.integer(
+                "LORA_CACHE_MAX_BYTES", default.lora_cache_max_bytes, low=1, high=1 << 50
+            ),
             lora_max_bytes=reader.integer("LORA_MAX_BYTES", default.lora_max_bytes, low=1, high=1 << 40),
             lightning_lora=reader.path("LIGHTNING_LORA", default.lightning_lora),
             lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),

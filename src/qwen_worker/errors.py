@@ -28,7 +28,10 @@ class WorkerError(Exception):
 
 
 class ValidationError(WorkerError):
-    """The request broke a rule. Reads as Runpod's own errors do: "Invalid parameter: size format must be width*height"."""
+    """The request broke a rule.
+
+    Reads as Runpod's own errors do: "Invalid parameter: size format must be width*height".
+    """
 
     def __init__(self, field: str, rule: str) -> None:
         self.field = field

@@ -180,7 +180,7 @@ class ComponentPool:
         if self.share:
             for loaded_class, loaded_folder, module in self._loaded:
                 if loaded_class == class_name and self._same_files(loaded_folder, folder):
-                    log.info("%s: %s shared with the already loaded %s (identical files)", model.model_id, name, loaded_folder)
+                    log.info("%s: %s shared with the identical %s", model.model_id, name, loaded_folder)
                     return module
         started = time.perf_counter()
         component_class = getattr(importlib.import_module(library), class_name)

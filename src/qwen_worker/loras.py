@@ -6,10 +6,10 @@ schema only ``LoraRequest`` (one ``loras[i]`` entry) is read:
 ``LoraStore.resolve(request, field)`` turns a ``LoraRequest.path`` into a verified local ``.safetensors`` file:
 
 - ``https://`` / ``http://`` URL: downloaded through ``downloads.download``, exactly as input images are (its
-  docstring says how SSRF is prevented). Files land in a size-capped cache: ``<sha256(url)>.safetensors`` plus a JSON sidecar (url hash, content sha256,
-  size, the URL without its query string). A URL seen before is served from disk without any network request.
-  Least-recently-used entries are evicted when the cache grows past its cap; "used" is the file's mtime, set on each
-  hit.
+  docstring says how SSRF is prevented). Files land in a size-capped cache: ``<sha256(url)>.safetensors`` plus a
+  JSON sidecar (url hash, content sha256, size, the URL without its query string). A URL seen before is served from
+  disk without any network request. Least-recently-used entries are evicted when the cache grows past its cap;
+  "used" is the file's mtime, set on each hit.
 - absolute path: a regular ``.safetensors`` file on the worker's disk (e.g. baked into the image).
 - relative path: a file under the network volume (``/runpod-volume``); ``..`` is refused, symlinks are resolved and
   the target must stay inside the volume.
@@ -206,19 +206,24 @@ class LoraStore:
         size = 0
         temporary: Path | None = None
         try:
-            with download(
-                url, max_bytes=self.max_file_bytes, timeout=self.timeout_seconds, accept="application/octet-stream, */*"
-            ) as chunks:
-                # Written beside the target and renamed into place: a crash or a refused download never leaves a
-                # partial file under the name a later job would trust.
-                with tempfile.NamedTemporaryFile(
+            # Written beside the target and renamed into place: a crash or a refused download never leaves a
+            # partial file under the name a later job would trust.
+            with (
+                download(
+                    url,
+                    max_bytes=self.max_file_bytes,
+                    timeout=self.timeout_seconds,
+                    accept="application/octet-stream, */*",
+                ) as chunks,
+                tempfile.NamedTemporaryFile(
                     dir=self.cache_dir, prefix=".download-", suffix=LORA_SUFFIX, delete=False
-                ) as handle:
-                    temporary = Path(handle.name)
-                    for chunk in chunks:
-                        handle.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
+                ) as handle,
+            ):
+                temporary = Path(handle.name)
+                for chunk in chunks:
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
             # Checked before it enters the cache, so the cache only ever holds usable safetensors files.
             verify_safetensors(temporary, field, source=f"the file downloaded from {host}")
             os.replace(temporary, target)
@@ -469,7 +474,8 @@ def _public_url(url: str) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile(
+    # Not a with-block: the name must outlive the handle, for the rename and for the clean-up in finally.
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
         "w", dir=path.parent, prefix=".sidecar-", suffix=".json", delete=False, encoding="utf-8"
     )
     try:

@@ -5,8 +5,8 @@ up, in this order, in:
 
 1. Runpod's cached-model store: ``<volume>/huggingface-cache/hub/models--<org>--<name>/snapshots/<rev>/``
    (Runpod fills it when the endpoint's "Model" setting names the repo);
-2. a Hugging Face cache on the network volume: ``<volume>/.cache/huggingface/hub`` (what ``HF_HOME=<volume>/.cache/huggingface``
-   or ``builder/fetch_models.py --cache-dir`` produce);
+2. a Hugging Face cache on the network volume: ``<volume>/.cache/huggingface/hub`` (what
+   ``HF_HOME=<volume>/.cache/huggingface`` or ``builder/fetch_models.py --cache-dir`` produce);
 3. the cache baked into the image: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``.
 
 In a cache the revision is the one ``refs/main`` points at, else the only snapshot present. Nothing here touches the

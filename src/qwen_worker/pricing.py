@@ -1,4 +1,7 @@
-"""What a job costs: a price per output megapixel, as Runpod's own endpoints charge (1024*1024 at $0.02/MP = 0.02097152)."""
+"""What a job costs: a price per output megapixel, as Runpod's own endpoints charge.
+
+1024*1024 at $0.02/MP = 0.02097152.
+"""
 
 from __future__ import annotations
 

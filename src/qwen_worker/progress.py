@@ -30,10 +30,12 @@ class StepProgress:
         if fraction - self._last_fraction + 1e-9 < self.every_fraction:
             return
         self._last_fraction = fraction
-        self.send(self.job, {"stage": "denoising", "step": done, "total_steps": total, "percent": round(fraction * 100)})
+        update = {"stage": "denoising", "step": done, "total_steps": total, "percent": round(fraction * 100)}
+        self.send(self.job, update)
 
 
 def runpod_sender() -> Sender:
     from runpod.serverless import progress_update
 
-    return progress_update
+    sender: Sender = progress_update  # (job, update) -> None, as the SDK documents it
+    return sender

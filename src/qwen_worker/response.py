@@ -35,7 +35,13 @@ def job_result(
         "image_url": urls[0],
         "cost": cost_of(((image.width, image.height) for image in encoded), price_per_megapixel),
         "images": [
-            {"url": url, "seed": seed, "width": image.width, "height": image.height, "content_type": image.format.mime_type}
+            {
+                "url": url,
+                "seed": seed,
+                "width": image.width,
+                "height": image.height,
+                "content_type": image.format.mime_type,
+            }
             for url, seed, image in zip(urls, seeds, encoded, strict=True)
         ],
         "seed": seeds[0],

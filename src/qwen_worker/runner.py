@@ -35,7 +35,11 @@ MAX_PROMPT_TOKENS = 512
 EMPTY_NEGATIVE_PROMPT = " "
 
 # The Lightning authors' scheduler: shift fixed at ln 3 whatever the resolution, no terminal shift.
-LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
+LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {
+    "base_shift": math.log(3),
+    "max_shift": math.log(3),
+    "shift_terminal": None,
+}
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -106,10 +110,15 @@ class PipelineRunner:
         call = _call_arguments(loaded, job, on_progress)
         _note_uncompiled_size(loaded, job)
         stages = _StageClock(loaded.pipeline.transformer)
-        with _pipeline_errors(loaded, job), _scheduler_for(loaded, job.request):
-            with applied_loras(loaded.pipeline, _job_loras(loaded, job)), stages, _batching(loaded, job.request):
-                with torch.inference_mode():
-                    output = loaded.pipeline(**call)
+        with (
+            _pipeline_errors(loaded, job),
+            _scheduler_for(loaded, job.request),
+            applied_loras(loaded.pipeline, _job_loras(loaded, job)),
+            stages,
+            _batching(loaded, job.request),
+            torch.inference_mode(),
+        ):
+            output = loaded.pipeline(**call)
         note = prompt_token_note(loaded.pipeline, call["prompt"])
         return Generation(
             images=list(output.images),
@@ -163,7 +172,9 @@ def _job_loras(loaded: LoadedPipeline, job: GenerationJob) -> list[tuple[Path, f
 
 
 def _batching(loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
-    return BatchedTrueCFG(loaded.pipeline.transformer) if loaded.batched_cfg and request.true_cfg_scale > 1 else nullcontext()
+    if loaded.batched_cfg and request.true_cfg_scale > 1:
+        return BatchedTrueCFG(loaded.pipeline.transformer)
+    return nullcontext()
 
 
 @contextmanager

@@ -28,13 +28,14 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import AutoImageProcessor
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import ConfigError
 
@@ -70,7 +71,7 @@ class SafetyChecker:
     def __init__(
         self,
         model: StableDiffusionSafetyChecker,
-        processor: ImageProcessingMixin,
+        processor: BaseImageProcessor,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
@@ -87,8 +88,12 @@ class SafetyChecker:
         started = time.perf_counter()
         try:
             _check_layout(folder)
-            model, info = StableDiffusionSafetyChecker.from_pretrained(
-                folder, local_files_only=True, dtype=dtype, output_loading_info=True
+            # With output_loading_info=True, from_pretrained returns (model, info) rather than the model alone.
+            model, info = cast(
+                "tuple[StableDiffusionSafetyChecker, dict[str, list[Any]]]",
+                StableDiffusionSafetyChecker.from_pretrained(
+                    folder, local_files_only=True, dtype=dtype, output_loading_info=True
+                ),
             )
             # transformers only warns about weights missing from the checkpoint and leaves them random: a checker
             # with random weights would pass or flag at random, so it is refused.
@@ -96,7 +101,8 @@ class SafetyChecker:
                 missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
                 raise ValueError(f"its weights lack or mismatch {len(missing)} tensors, e.g. {missing[:3]}")
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-            model = model.to(device).eval()
+            # transformers wraps PreTrainedModel.to in a decorator whose stub loses the signature.
+            model = model.to(device).eval()  # type: ignore[arg-type]
         except Exception as err:  # any failure here means the worker cannot start as configured
             raise ConfigError(
                 f"The safety checker in {folder} could not be loaded on {device}: {err}. SAFETY_CHECKER_MODEL must "
@@ -142,7 +148,7 @@ class SafetyChecker:
         with torch.inference_mode():
             _, crop_flags = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholder)
         flags = [False] * len(images)
-        for owner, flagged in zip(owners, crop_flags):
+        for owner, flagged in zip(owners, crop_flags, strict=True):
             flags[owner] = flags[owner] or bool(flagged)
         return flags
 

@@ -17,8 +17,8 @@ import enum
 import math
 import re
 import secrets
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from .errors import ValidationError, json_type, preview
@@ -162,12 +162,15 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
     if fast_mode is not FastMode.NONE:
         # Lightning LoRAs are distilled for an exact step count without CFG; other values would only spoil them.
         if steps is not None and steps != fast_mode.steps:
-            notes.append(f"fast mode ({fast_mode.value}) runs {fast_mode.steps} steps; num_inference_steps {steps} ignored")
+            notes.append(
+                f"fast mode ({fast_mode.value}) runs {fast_mode.steps} steps; num_inference_steps {steps} ignored"
+            )
         if cfg is not None and cfg != 1.0:
             notes.append(f"fast mode ({fast_mode.value}) runs without true CFG; true_cfg_scale {cfg:g} ignored")
         steps, cfg = fast_mode.steps, 1.0
 
-    output_format = _output_format(fields.optional("output_format"), OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG)
+    default_format = OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG
+    output_format = _output_format(fields.optional("output_format"), default_format)
     output_quality = fields.integer("output_quality", default=None, low=1, high=100)
     if output_quality is not None and output_format is OutputFormat.PNG:
         raise ValidationError("output_quality", "applies to jpeg and webp only (png is lossless)")
@@ -202,7 +205,9 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
 def parse_size(value: Any) -> tuple[int, int]:
     """Parse Runpod's "W*H" size string; Runpod's own wording for a malformed value is kept verbatim."""
     if not isinstance(value, str):
-        raise ValidationError("size", f'format must be width*height (a string such as "1024*1024"), got {json_type(value)}')
+        raise ValidationError(
+            "size", f'format must be width*height (a string such as "1024*1024"), got {json_type(value)}'
+        )
     match = _SIZE_PATTERN.match(value)
     if not match:
         raise ValidationError("size", f'format must be width*height (e.g. "1024*1024"), got {preview(value)}')
@@ -217,8 +222,10 @@ def mostly_cjk(text: str) -> bool:
     return bool(letters) and cjk * 2 > len(letters)
 
 
-def _size(fields: "_Fields", default: tuple[int, int] | None) -> tuple[int | None, int | None]:
-    """One size form at most: size | width+height | aspect_ratio | image_size (Replicate's modes may take aspect_ratio)."""
+def _size(fields: _Fields, default: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """One size form at most: size | width+height | aspect_ratio | image_size.
+
+    Replicate's image_size modes may take an aspect_ratio beside them."""
     size, width, height = fields.optional("size"), fields.optional("width"), fields.optional("height")
     aspect, image_size = fields.optional("aspect_ratio"), fields.optional("image_size")
     replicate_mode = isinstance(image_size, str) and image_size in REPLICATE_SIZE_MODES
@@ -233,7 +240,9 @@ def _size(fields: "_Fields", default: tuple[int, int] | None) -> tuple[int | Non
         if present
     ]
     if len(forms) > 1:
-        raise ValidationError(forms[1].split("/")[0], f"cannot be combined with {forms[0]}: give the size in one form only")
+        raise ValidationError(
+            forms[1].split("/")[0], f"cannot be combined with {forms[0]}: give the size in one form only"
+        )
     if size is not None:
         return parse_size(size)
     if width is not None or height is not None:
@@ -279,10 +288,12 @@ def _image_size(value: Any, aspect: Any) -> tuple[int, int]:
     raise ValidationError("image_size", f"must be one of {names}, or {{\"width\", \"height\"}}; got {preview(value)}")
 
 
-def _image_urls(fields: "_Fields") -> tuple[str, ...]:
+def _image_urls(fields: _Fields) -> tuple[str, ...]:
     image, images = fields.optional("image"), fields.optional("images")
     if image is not None and images is not None:
-        raise ValidationError("images", "cannot be combined with image: send one image as 'image' or several as 'images'")
+        raise ValidationError(
+            "images", "cannot be combined with image: send one image as 'image' or several as 'images'"
+        )
     if image is not None:
         return (fields.string("image", non_empty=True, max_chars=MAX_URL_CHARS),)
     if images is None:
@@ -299,7 +310,7 @@ def _image_urls(fields: "_Fields") -> tuple[str, ...]:
     return tuple(images)
 
 
-def _safety_checker(fields: "_Fields") -> bool:
+def _safety_checker(fields: _Fields) -> bool:
     enable = fields.boolean("enable_safety_checker", default=None)
     disable = fields.boolean("disable_safety_checker", default=None)
     if enable is not None and disable is not None and enable == disable:
@@ -311,7 +322,7 @@ def _safety_checker(fields: "_Fields") -> bool:
     return not disable if disable is not None else True
 
 
-def _fast_mode(fields: "_Fields") -> FastMode:
+def _fast_mode(fields: _Fields) -> FastMode:
     go_fast = fields.boolean("go_fast", default=None)
     acceleration = fields.optional("acceleration")
     mode = FastMode.NONE
@@ -331,7 +342,7 @@ def _fast_mode(fields: "_Fields") -> FastMode:
     return mode
 
 
-def _loras(fields: "_Fields") -> tuple[LoraRequest, ...]:
+def _loras(fields: _Fields) -> tuple[LoraRequest, ...]:
     loras, single = fields.optional("loras"), fields.optional("lora_weights")
     if loras is not None and single is not None:
         raise ValidationError("lora_weights", "cannot be combined with loras: put every LoRA in 'loras'")
@@ -361,7 +372,9 @@ def _seed(value: int) -> int:
     if value == -1:
         return secrets.randbelow(SEED_LIMIT)
     if not 0 <= value < SEED_LIMIT:
-        raise ValidationError("seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {preview(value)}")
+        raise ValidationError(
+            "seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {preview(value)}"
+        )
     return value
 
 
@@ -513,7 +526,9 @@ class _Fields:
                 given.append((name, value))
         for name, value in given[1:]:
             if value != given[0][1]:
-                raise ValidationError(name, f"contradicts {given[0][0]} ({given[0][1]!r} vs {value!r}): give one of them")
+                first_name, first_value = given[0]
+                rule = f"contradicts {first_name} ({first_value!r} vs {value!r}): give one of them"
+                raise ValidationError(name, rule)
         return given[0][1] if given else default
 
 

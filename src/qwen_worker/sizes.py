@@ -71,7 +71,8 @@ def check_dimensions(width: int, height: int, *, field: str) -> None:
         # preview, not str(): str() of a JSON integer like 10**5000 raises ValueError (past 4300 digits), which
         # escaped as an internal error instead of naming the field.
         if not MIN_SIDE <= side <= MAX_SIDE:
-            raise ValidationError(field, f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {preview(side)}")
+            rule = f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {preview(side)}"
+            raise ValidationError(field, rule)
         if side % SIDE_MULTIPLE:
             raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {preview(side)}")
 

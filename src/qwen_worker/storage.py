@@ -18,12 +18,11 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import BucketSettings
 from .errors import ResultTooLargeError, StorageError
 from .media import EncodedImage
-
 
 
 class ResultStore(Protocol):
@@ -47,7 +46,9 @@ class InlineStore:
         self.max_inline_bytes = max_inline_bytes
 
     def store(self, job_id: str, images: Sequence[EncodedImage]) -> list[str]:
-        urls = [f"data:{image.format.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}" for image in images]
+        urls = [
+            f"data:{image.format.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}" for image in images
+        ]
         total = sum(len(url) for url in urls)
         if total > self.max_inline_bytes:
             raise ResultTooLargeError(
@@ -160,7 +161,7 @@ class S3Store:
         return message.replace(self.settings.secret_access_key, "***") if self.settings.secret_access_key else message
 
 
-def make_s3_client(settings: BucketSettings):  # -> botocore client; typed loosely since boto3 ships no stubs
+def make_s3_client(settings: BucketSettings) -> Any:  # a botocore client: boto3 ships no type information
     """A client that uses exactly the configured keys: never boto3's default credential chain or instance metadata."""
     # Even with explicit keys, botocore may ask the instance-metadata address for a region or token; forbid it.
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

@@ -178,19 +178,23 @@ class Worker:
         )
         return result
 
-    def _screen(self, request: Request, generation: Generation) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
+    def _screen(
+        self, request: Request, generation: Generation
+    ) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
         """The (seed, image) pairs that may be delivered, and the per-image flags when the checker ran.
 
         Flagged images are dropped here, before encoding, so they are never stored or returned."""
-        pairs = list(zip(request.seeds, generation.images))
+        pairs = list(zip(request.seeds, generation.images, strict=True))
         if not self.safety.applies_to(request):
             return pairs, None
         flags = self.safety.check(generation.images)
         if all(flags):
             raise ContentFlaggedError(
-                FLAGGED_MESSAGE if len(flags) == 1 else f"all {len(flags)} generated images were flagged by the safety checker"
+                FLAGGED_MESSAGE
+                if len(flags) == 1
+                else f"all {len(flags)} generated images were flagged by the safety checker"
             )
-        return [pair for pair, flagged in zip(pairs, flags) if not flagged], flags
+        return [pair for pair, flagged in zip(pairs, flags, strict=True) if not flagged], flags
 
     def _fetch_inputs(self, request: Request) -> list[Image.Image]:
         many = len(request.image_urls) > 1
@@ -200,7 +204,9 @@ class Worker:
         ]
 
     def _plan_output(self, request: Request, inputs: Sequence[Image.Image]) -> OutputPlan:
-        requested = (request.width, request.height) if request.width is not None and request.height is not None else None
+        requested = None
+        if request.width is not None and request.height is not None:
+            requested = (request.width, request.height)
         return plan_output(
             requested,
             inputs[-1].size if inputs else None,  # Edit-Plus follows the last reference image, as the model does
@@ -212,7 +218,9 @@ class Worker:
         flags = self.safety.check(inputs)
         if any(flags):
             names = ", ".join("image" if len(inputs) == 1 else f"images[{i}]" for i, f in enumerate(flags) if f)
-            raise ContentFlaggedError(f"the input image ({names}) was flagged by the safety checker; nothing was generated")
+            raise ContentFlaggedError(
+                f"the input image ({names}) was flagged by the safety checker; nothing was generated"
+            )
 
     def _resolve_loras(self, request: Request) -> list[tuple[Path, float]]:
         if not request.loras:
