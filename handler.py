@@ -12,7 +12,8 @@ range, and the fal / Replicate / DashScope spellings of each):
 Output: {"image_url": str, "cost": float, "images": [{"url", "seed", "width", "height", "content_type"}], "seed",
 "width", "height", "num_inference_steps", "true_cfg_scale", "safety_checker", "has_nsfw_concepts"?, "timings",
 "model": {"id", "revision"}, "notes"?, "warning"?}; a dry run answers a quote ({"dry_run": true, "cost", ...}); a
-failure answers {"error": str} and the job is FAILED.
+failure answers {"error": str} and the job is FAILED. A worker that could not start (a missing model, a bad variable)
+keeps running and answers every job FAILED with that start-up error, instead of crash-looping.
 
 Run ``python handler.py`` for the SDK's local test mode (reads ./test_input.json), ``python handler.py --rp_serve_api``
 for its local HTTP API, and plain ``python -u handler.py`` on Runpod.
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_worker.app import create_worker
+from qwen_worker.app import StartupFailure, create_worker
+from qwen_worker.worker import Worker
 
-_worker = None
+_worker: Worker | StartupFailure | None = None
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:

@@ -992,11 +992,23 @@ def test_hostile_values_found_by_the_fuzzer_name_their_field(raw, field):
     assert result["error"].startswith(f"Invalid parameter: {field} "), result
 
 
-@pytest.mark.parametrize("shape", [(3000, 600), (100, 500)])
-def test_match_input_size_with_an_extreme_input_is_refused_not_rendered_out_of_range(shape, monkeypatch):
-    """Once a bug: inputs outside 256..2048 and beyond ~1:4 went to the pipeline at e.g. 2304x448."""
+@pytest.mark.parametrize("shape, rendered", [((3000, 600), (2048, 416)), ((100, 500), (416, 2048))])
+def test_match_input_size_with_a_banner_input_renders_in_range(shape, rendered, monkeypatch):
+    """Once a bug: inputs outside 256..2048 and beyond ~1:4 went to the pipeline at e.g. 2304x448. Now a banner
+    renders at the largest in-range size at its aspect and is delivered at the input's exact dimensions."""
     monkeypatch.setattr(WORKERS["full"], "fetch_image", lambda reference, limits, field="image": _uniform_image(*shape))
     RECORD.clear()
-    result = WORKERS["full"].handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png", "match_input_size": True}))
+    job = job_of({"prompt": "x", "image": "https://example.invalid/a.png", "match_input_size": True})
+    result = WORKERS["full"].handle(job)
+    assert [(job.width, job.height) for job in RECORD.jobs] == [rendered]  # check_job held it in range
+    assert (result["width"], result["height"]) == shape, result
+
+
+@pytest.mark.parametrize("shape", [(3000, 300), (100, 1000)])
+def test_an_input_past_8_to_1_is_refused_naming_the_supported_ratios(shape, monkeypatch):
+    monkeypatch.setattr(WORKERS["full"], "fetch_image", lambda reference, limits, field="image": _uniform_image(*shape))
+    RECORD.clear()
+    result = WORKERS["full"].handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png"}))
     assert RECORD.jobs == []  # nothing reached the pipeline
-    assert result["error"].startswith("Invalid parameter: image has an aspect ratio too extreme"), result
+    assert result["error"].startswith("Invalid parameter: image has an aspect ratio of 10.0:1"), result
+    assert "from 1:8 to 8:1" in result["error"]

@@ -104,14 +104,17 @@ def test_mixed_batch_delivers_only_clean_images_and_charges_for_them(worker, s3_
     assert keys == [f"{body['id']}/0.png"]  # only the delivered image was stored
 
 
-def test_missing_checker_refuses_to_start_and_names_the_way_out(tiny_models, tmp_path):
+def test_missing_checker_fails_every_job_and_names_the_way_out(tiny_models, tmp_path):
     server = WorkerServer(
         {"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER_MODEL": str(tmp_path / "nothing-here")},
         tmp_path / "worker.log",
-    )
-    with pytest.raises(RuntimeError) as caught:
-        server.start(timeout=120)
-    assert "SAFETY_CHECKER=off" in str(caught.value) and "cannot start" in str(caught.value)
+    ).start(timeout=120)
+    try:
+        body = server.runsync({"prompt": "a lighthouse"}, timeout=60)
+    finally:
+        server.stop()
+    assert body["status"] == "FAILED", body
+    assert body["error"].startswith("The worker could not start: ") and "SAFETY_CHECKER=off" in body["error"]
 
 
 # Operator policies, in-process on the same real tiny pipeline and checker (no HTTP needed to prove them).

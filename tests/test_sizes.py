@@ -52,6 +52,27 @@ def test_match_input_size_renders_near_the_input_and_delivers_it_exactly():
     assert (plan.width, plan.height, plan.delivered) == (1008, 784, (1001, 777))
 
 
-def test_an_edit_too_extreme_for_the_rules_is_refused_naming_the_field():
-    with pytest.raises(ValidationError, match=r"^Invalid parameter: images has an aspect ratio too extreme"):
+@pytest.mark.parametrize(
+    "banner, rendered",
+    [((160, 35), (2048, 448)), ((4160, 870), (2048, 432)), ((35, 160), (448, 2048)), ((8000, 1000), (2048, 256))],
+)
+def test_a_banner_renders_at_its_aspect_at_the_largest_size_the_rules_allow(banner, rendered):
+    plan = plan_output(None, banner)
+    assert (plan.width, plan.height) == plan.delivered == rendered
+    check_dimensions(plan.width, plan.height, field="image")
+    assert abs(plan.width / plan.height - banner[0] / banner[1]) < 0.2
+
+
+def test_every_aspect_up_to_8_to_1_renders_in_range_and_keeps_its_aspect():
+    for height in range(125, 1001):
+        plan = plan_output(None, (1000, height))
+        check_dimensions(plan.width, plan.height, field="image")
+        # both sides rounded to 32 (as diffusers does at ~1 MP) or the short one to 16 (banners)
+        assert abs(plan.height / plan.width - height / 1000) <= 2 * SIDE_MULTIPLE / plan.width
+
+
+def test_an_edit_past_8_to_1_is_refused_naming_the_field_and_the_supported_ratios():
+    with pytest.raises(ValidationError, match=r"^Invalid parameter: images has an aspect ratio of 16.0:1 \(8000x500\)"):
         plan_output(None, (8000, 500), field="images")
+    with pytest.raises(ValidationError, match="from 1:8 to 8:1"):
+        plan_output(None, (100, 1000))

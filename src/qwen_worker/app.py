@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -71,10 +73,15 @@ def build_worker(settings: Settings) -> Worker:
         "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step),
     }
     pool = ComponentPool(share=settings.share_components)
-    for spec, task in ((settings.t2i_model, "t2i"), (settings.edit_model, "edit")):
+    for spec, task, variable in (
+        (settings.t2i_model, "t2i", "QWEN_IMAGE_MODEL"),
+        (settings.edit_model, "edit", "QWEN_IMAGE_EDIT_MODEL"),
+    ):
         if spec is None:
             continue
-        model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache)
+        model = resolve_model(
+            spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, variable=variable
+        )
         loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)
     store = build_store(settings)
@@ -97,13 +104,33 @@ def build_worker(settings: Settings) -> Worker:
     )
 
 
-def create_worker() -> Worker:
-    """Read the environment, load the models and return a ready worker; exit with a clear message if misconfigured."""
+class StartupFailure:
+    """Stands in for the worker when it could not start: every job is answered FAILED with the start-up error.
+
+    Exiting instead would make Runpod restart the container again and again while jobs wait in the queue and the
+    caller sees nothing; answering each job tells the caller (and the operator, in the job's error) what to fix.
+    Runpod's own vLLM worker does the same. In the SDK's local test mode a FAILED job still ends the run non-zero.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.message = f"The worker could not start: {reason}"
+
+    def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        return {"error": self.message}
+
+
+def create_worker() -> Worker | StartupFailure:
+    """Read the environment, load the models and return a ready worker, or a StartupFailure that says why not."""
     try:
         settings = Settings.from_env()
         configure_logging(settings)
         return build_worker(settings)
     except ConfigError as err:
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-        log.error("the worker cannot start: %s", err)
-        raise SystemExit(f"qwen-worker cannot start: {err}") from None
+        reason = str(err)
+    except Exception as err:  # loading can fail in ways no check foresaw (a corrupt shard, a driver fault)
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO)  # a no-op when configure_logging already ran
+        log.exception("loading the models failed")
+        reason = f"loading the models failed ({type(err).__name__}: {str(err)[:300]})"
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO)
+    log.error("the worker cannot start: %s. Every job will fail with this message until it is fixed.", reason)
+    return StartupFailure(reason)

@@ -48,10 +48,18 @@ class ResolvedModel(ResolvedFolder):
     pipeline_class: str  # model_index.json's _class_name
 
 
-def resolve_model(spec: str, *, volume_path: Path, baked_cache: Path | None) -> ResolvedModel:
-    """Find the diffusers pipeline ``spec`` (a folder or a repo id) on local disk, or raise ConfigError."""
+def resolve_model(
+    spec: str, *, volume_path: Path, baked_cache: Path | None, variable: str = "QWEN_IMAGE_MODEL"
+) -> ResolvedModel:
+    """Find the diffusers pipeline ``spec`` (a folder or a repo id) on local disk, or raise ConfigError.
+
+    ``variable`` is the environment variable that named it, so the error tells the operator what to change."""
     found = resolve_folder(
-        spec, volume_path=volume_path, baked_cache=baked_cache, required_file="model_index.json", what="Model"
+        spec,
+        volume_path=volume_path,
+        baked_cache=baked_cache,
+        required_file="model_index.json",
+        what=f"Model ({variable})",
     )
     index = found.path / "model_index.json"
     try:

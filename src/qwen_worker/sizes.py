@@ -105,8 +105,10 @@ def plan_output(
     """What a job renders and delivers.
 
     ``requested`` is the request's size (already checked), or None for an edit whose size follows ``reference``, the
-    size of its (last) input image; ``field`` names that input in errors. With ``match_input_size`` the model renders
-    near the input's own size and the result is resized to the input's exact dimensions.
+    size of its (last) input image; ``field`` names that input in errors. An edit renders at about 1 MP at the
+    input's aspect, as the edit pipelines do; a banner past ~4:1 at the largest size the rules allow at that aspect.
+    With ``match_input_size`` the model renders near the input's own size (when the rules allow it) and the result
+    is resized to the input's exact dimensions.
     """
     if requested is not None:
         return OutputPlan(requested[0], requested[1], requested)
@@ -116,10 +118,26 @@ def plan_output(
     if match_input_size and in_range(ref_width, ref_height):
         return OutputPlan(nearest_allowed_side(ref_width), nearest_allowed_side(ref_height), reference)
     width, height = edit_output_size(ref_width, ref_height)  # ~1 MP at the input's aspect, as the model does
-    try:
-        check_dimensions(width, height, field=field)
-    except ValidationError:
-        raise ValidationError(
-            field, f"has an aspect ratio too extreme for the model ({ref_width}x{ref_height}); give a size"
-        ) from None
+    if not in_range(width, height):
+        width, height = _largest_at_aspect(ref_width, ref_height, field)
     return OutputPlan(width, height, reference if match_input_size else (width, height))
+
+
+# The most elongated output the side rules allow: the long side at MAX_SIDE, the short one at MIN_SIDE (8:1).
+MAX_ASPECT = MAX_SIDE / MIN_SIDE
+
+
+def _largest_at_aspect(width: int, height: int, field: str) -> tuple[int, int]:
+    """A banner-shaped input (past ~4:1, where 1 MP would need a side over MAX_SIDE): the long side at MAX_SIDE and
+    the short one at the input's aspect, so text on a banner keeps its proportions. Refused only when the short side
+    would fall below MIN_SIDE."""
+    long_side, short_side = max(width, height), min(width, height)
+    rendered_short = round(MAX_SIDE * short_side / long_side / SIDE_MULTIPLE) * SIDE_MULTIPLE
+    if rendered_short < MIN_SIDE:
+        limit = f"{MAX_ASPECT:g}"
+        raise ValidationError(
+            field,
+            f"has an aspect ratio of {long_side / short_side:.1f}:1 ({width}x{height}); edits support aspect ratios "
+            f"from 1:{limit} to {limit}:1 (sides {MIN_SIDE} to {MAX_SIDE} pixels): crop or pad the image",
+        )
+    return (MAX_SIDE, rendered_short) if width >= height else (rendered_short, MAX_SIDE)
