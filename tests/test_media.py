@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import struct
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 
 from fixtures_http import closed_port, file_server
 from images import photo_like, to_bytes
@@ -61,7 +63,9 @@ def test_closed_port_and_404(allow_private):
 
 def test_content_is_sniffed_not_trusted(allow_private):
     with file_server() as server:
-        assert "not an image" in failure(server.add("/fake.png", b"<html>hello</html>", "image/png"))
+        assert "not a PNG, JPEG, WebP, GIF, BMP or TIFF image" in failure(
+            server.add("/fake.png", b"<html>hello</html>", "image/png")
+        )
         # A real PNG served with a wrong Content-Type and extension still loads.
         assert load_image(server.add("/real.txt", to_bytes(photo_like()), "text/plain"), LIMITS).size == (96, 64)
 
@@ -101,7 +105,7 @@ def test_bad_references(reference, reason):
 
 def test_truncated_image_is_refused():
     data = to_bytes(photo_like(), "JPEG")
-    assert "corrupt or truncated" in failure(data_uri(data[: len(data) // 2], "image/jpeg"))
+    assert "the image data is corrupt or truncated" in failure(data_uri(data[: len(data) // 2], "image/jpeg"))
 
 
 def test_exif_orientation_is_applied():
@@ -129,3 +133,86 @@ def test_encoded_outputs_carry_no_metadata(fmt, pil_name):
     assert b"secret plans" not in encoded.data
     assert not decoded.getexif()
     assert not getattr(decoded, "text", {})
+
+
+# ------------------------------------------------------------------------------- every Pillow failure is translated
+
+
+def test_the_field_is_named_whatever_it_is_called():
+    with pytest.raises(InputImageError) as caught:
+        load_image("data:image/png;base64,AAAA", LIMITS, field="mask_image")
+    assert str(caught.value).startswith("Invalid image URL (mask_image): ") and caught.value.field == "mask_image"
+
+
+STAGES = ["open", "load", "exif_transpose", "convert"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("broken data stream when reading image file"),
+        SyntaxError("APNG contains frame sequence errors"),
+        NotImplementedError("Unimplemented pixel format 0"),
+        struct.error("unpack requires a buffer of 4 bytes"),
+        ValueError("tile cannot extend outside image"),
+        OverflowError("Python int too large to convert to C long"),
+        EOFError(),
+        IndexError("list index out of range"),
+        KeyError(274),
+        TypeError("'NoneType' object is not subscriptable"),
+        ZeroDivisionError("division by zero"),
+        RecursionError("maximum recursion depth exceeded"),
+        MemoryError(),
+        Image.DecompressionBombError("Image size (274877898816 pixels) exceeds limit"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_whatever_pillow_raises_at_any_stage_becomes_one_readable_sentence(stage, error, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    png_with_alpha = to_bytes(Image.new("RGBA", (8, 8)))  # alpha, so that the RGB conversion runs
+
+    if stage == "open":
+        monkeypatch.setattr(Image, "open", fail)
+    elif stage == "load":
+        monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    elif stage == "exif_transpose":
+        monkeypatch.setattr(ImageOps, "exif_transpose", fail)
+    else:
+        monkeypatch.setattr(Image.Image, "convert", fail)
+    for reference in (data_uri(png_with_alpha),):
+        with pytest.raises(InputImageError) as caught:
+            load_image(reference, LIMITS, field="images[2]")
+        message = str(caught.value)
+        assert re.fullmatch(r"Invalid image URL \(images\[2\]\): the [^\n]{20,300}", message), message
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_pillows_own_bomb_guard_is_answered_with_our_limit():
+    # A BMP header claiming 100000x100000: Pillow's open refuses it (over twice its MAX_IMAGE_PIXELS) before we look.
+    header = struct.pack("<2sIHHI", b"BM", 0, 0, 0, 54)
+    info = struct.pack("<IiiHHIIiiII", 40, 100_000, 100_000, 1, 24, 0, 0, 0, 0, 0, 0)
+    assert "more pixels than the limit of 4000000" in failure(data_uri(header + info + b"\0" * 64, "image/bmp"))
+
+
+def test_an_animation_is_read_as_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert load_image(data_uri(buffer.getvalue(), "image/gif"), LIMITS).getpixel((8, 8)) == (255, 0, 0)
+
+
+def test_a_jpeg_with_a_multi_picture_index_is_accepted():
+    # Phones write portrait and HDR shots this way; Pillow names the format "MPO".
+    first, second = photo_like(64, 48), photo_like(64, 48, seed=2)
+    data = to_bytes(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert load_image(data_uri(data, "image/jpeg"), LIMITS).size == (64, 48)
+
+
+def test_formats_outside_the_accepted_six_are_not_even_parsed():
+    for fmt in ("ICO", "PCX", "TGA", "PPM", "SGI"):
+        message = failure(data_uri(to_bytes(photo_like(32, 32), fmt)))
+        assert "not a PNG, JPEG, WebP, GIF, BMP or TIFF image" in message, fmt

@@ -3,9 +3,12 @@
 Inputs arrive as http(s) URLs or ``data:image/...;base64,`` URIs. URLs are fetched with the runpod SDK's own
 SSRF-safe client (``rp_ssrf.safe_get``): the host is resolved, every address checked, the connection pinned to the
 checked address, and each redirect re-checked. Loopback and private targets are refused unless the SDK's switch
-``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is true. Bytes are capped while streaming (never trusting Content-Length), the
-pixel count is checked from the header before any pixel is decoded (decompression bombs), and the format is sniffed
-from the content, not the URL or the Content-Type.
+``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is true. Bytes are capped while streaming (never trusting Content-Length).
+
+Decoding runs entirely inside ``_pillow_errors``, the one place where Pillow's exceptions become ``InputImageError``:
+only the formats in ``ACCEPTED_INPUT_FORMATS`` are tried (sniffed from the content, never the URL or Content-Type),
+the pixel count is checked from the header before any pixel is decoded (decompression bombs), and an animation is
+read as its first frame.
 
 Outputs are encoded without metadata: no prompt in PNG text chunks, no EXIF.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,9 +30,14 @@ from .downloads import DownloadError, download
 from .errors import InputImageError
 from .schema import OutputFormat
 
-# Formats a user may send. Pillow can read more, but each extra decoder is attack surface for no user benefit.
-ACCEPTED_INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+# Formats a user may send. Pillow can read more, but each extra decoder is attack surface for no user benefit, so
+# Image.open is told to try only these. A JPEG carrying a multi-picture index (phones' portrait and HDR shots,
+# stereo cameras) is opened by the JPEG plugin as "MPO"; it is still a JPEG, read as its first picture.
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+_NOT_AN_IMAGE = f"the content is not a {_FORMAT_NAMES} image"
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+(;[a-zA-Z0-9=.+-]+)*;base64,", re.ASCII)
+_CAUSE_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,10 @@ class EncodedImage:
 
 
 def load_image(reference: str, limits: ImageLimits, *, field: str = "image") -> Image.Image:
-    """Fetch or decode one input image and return it as RGB, upright (EXIF orientation applied)."""
+    """Fetch or decode one input image and return it as RGB, upright (EXIF orientation applied).
+
+    ``field`` names the request field in every error (``image``, ``images[1]``, ``mask_image``).
+    """
     data = read_image_bytes(reference, limits, field=field)
     return decode_image(data, limits, field=field)
 
@@ -69,28 +82,60 @@ def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image
 
 
 def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image") -> Image.Image:
+    """Decode untrusted bytes into an upright RGB image, or raise ``InputImageError`` naming ``field``."""
+    return _decode(data, limits, field, not_an_image=_NOT_AN_IMAGE)
+
+
+def _decode(data: bytes, limits: ImageLimits, field: str, *, not_an_image: str) -> Image.Image:
+    with _pillow_errors(field, limits, not_an_image=not_an_image):
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS) as image:
+            width, height = image.size
+            # Image.open has read only the header: refuse before a single pixel is decoded.
+            if width * height > limits.max_pixels:
+                raise InputImageError(
+                    f"the image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
+                    field,
+                )
+            image.load()  # the current frame, which after open is the first one of an animation
+            return _to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextlib.contextmanager
+def _pillow_errors(field: str, limits: ImageLimits, *, not_an_image: str) -> Iterator[None]:
+    """Translate whatever Pillow raises on a caller's bytes into one readable ``InputImageError``.
+
+    The one place for it, as httpx's ``map_exceptions``. Pillow's parsers and decoders answer corrupt input with
+    whatever the bytes provoke: OSError for truncated data, SyntaxError from broken chunks and headers,
+    NotImplementedError for layouts it recognises but cannot decode, and struct.error, ValueError, EOFError,
+    IndexError, KeyError, TypeError, OverflowError, ZeroDivisionError... from corrupt headers (tests/
+    test_image_corpus.py drives Pillow's own corpus of such files through here). Only Pillow, reading the caller's
+    bytes, runs inside this guard, so every such exception is about the input, never a fault of the worker.
+    """
     try:
-        image = Image.open(io.BytesIO(data))
+        yield
+    except InputImageError:
+        raise
     except UnidentifiedImageError:
-        raise InputImageError("the content is not an image Pillow can read", field) from None
-    except (OSError, ValueError) as err:
-        raise InputImageError(f"the image could not be read ({err})", field) from None
-    if image.format not in ACCEPTED_INPUT_FORMATS:
+        raise InputImageError(not_an_image, field) from None
+    except Image.DecompressionBombError:
+        # Pillow's own guard, raised by Image.open itself (before our header check can run) for images over twice
+        # its Image.MAX_IMAGE_PIXELS, about 179 MP.
+        raise InputImageError(f"the image has more pixels than the limit of {limits.max_pixels}", field) from None
+    except MemoryError:
+        raise InputImageError("the image needs more memory to decode than the worker can give it", field) from None
+    except Exception as err:  # noqa: BLE001 - see the docstring: anything Pillow raises here is about the input
         raise InputImageError(
-            f"unsupported image format {image.format}; send PNG, JPEG, WebP, GIF, BMP or TIFF", field
-        )
-    width, height = image.size
-    # Checked from the header, before a single pixel is decoded.
-    if width * height > limits.max_pixels:
-        raise InputImageError(
-            f"the image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}", field
-        )
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InputImageError(f"the image data is corrupt or truncated ({err})", field) from None
+            f"the image data is corrupt or truncated, or uses a feature Pillow cannot decode ({_cause(err)})", field
+        ) from None
+
+
+def _cause(err: BaseException) -> str:
+    """Pillow's own words, kept to one short line: they are the only hint of what is wrong with the file."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > _CAUSE_CHARS:
+        text = text[: _CAUSE_CHARS - 3] + "..."
+    return text or type(err).__name__
 
 
 def encode_image(image: Image.Image, output_format: OutputFormat, quality: int | None = None) -> EncodedImage:
