@@ -89,12 +89,29 @@ def test_pixel_cap_checked_before_decoding():
     assert "over the limit of 4000000" in failure(data_uri(bomb))
 
 
+# Refusals of a bare string: both name the accepted forms.
+NOT_ANY_FORM = "the value is not an http(s) URL, a data:image/...;base64, URI or base64 image data"
+BASE64_NOT_AN_IMAGE = "not an http(s) URL or a data URI, and as base64 it is not a PNG, JPEG, WebP, GIF, BMP or TIFF"
+
+
 @pytest.mark.parametrize(
     "reference, reason",
     [
-        ("ftp://127.0.0.1/a.png", "only http(s) URLs"),
+        ("ftp://127.0.0.1/a.png", "only http(s) URLs, data:image/...;base64, URIs and base64 image data"),
         ("file:///etc/passwd", "only http(s) URLs"),
-        ("not a url", "only http(s) URLs"),
+        ("javascript:alert(1)", "only http(s) URLs"),
+        ("C:\\photos\\cat.png", "only http(s) URLs"),
+        ("example.com:8080/cat.png", "only http(s) URLs"),
+        # Not URLs, so read as bare base64: the refusal still says which forms are accepted.
+        ("not a url", BASE64_NOT_AN_IMAGE),
+        ("cat.png", NOT_ANY_FORM),
+        ("photos/cat.png", NOT_ANY_FORM),
+        ("/tmp/x", BASE64_NOT_AN_IMAGE),
+        ("iVBORw0KGgo", BASE64_NOT_AN_IMAGE),
+        ("abcde", NOT_ANY_FORM),
+        ("été.png", NOT_ANY_FORM),
+        ("data:image/png,%89PNG", "data URI must look like"),
+        ("data:image/svg+xml;utf8,<svg/>", "data URI must look like"),
         ("data:text/plain;base64,aGVsbG8=", "data URI must look like"),
         ("data:image/png;base64,@@@", "not valid base64"),
     ],
@@ -133,6 +150,97 @@ def test_encoded_outputs_carry_no_metadata(fmt, pil_name):
     assert b"secret plans" not in encoded.data
     assert not decoded.getexif()
     assert not getattr(decoded, "text", {})
+
+
+# ------------------------------------------------------------------------------- base64 as clients really send it
+
+
+def wrapped(text: str, newline: str = "\n", width: int = 76) -> str:
+    """What the `base64` command prints by default: 76-column lines."""
+    return newline.join(text[i : i + width] for i in range(0, len(text), width)) + newline
+
+
+def lenient_forms(data: bytes) -> dict[str, str]:
+    standard = base64.b64encode(data).decode()
+    url_safe = base64.urlsafe_b64encode(data).decode()
+    assert "=" in standard and ("-" in url_safe or "_" in url_safe)  # the fixture really exercises both
+    return {
+        "standard": standard,
+        "wrapped-lf": wrapped(standard),
+        "wrapped-crlf": wrapped(standard, "\r\n"),
+        "spaces": " ".join(standard[i : i + 10] for i in range(0, len(standard), 10)),
+        "url-safe": url_safe,
+        "unpadded": standard.rstrip("="),
+        "url-safe-unpadded-wrapped": wrapped(url_safe.rstrip("="), "\r\n", 64),
+    }
+
+
+# A JPEG whose base64 has padding and, URL-safe, '-' or '_': found by trying seeds.
+LENIENT_FIXTURE = next(
+    data
+    for seed in range(50)
+    for data in [to_bytes(photo_like(40, 30, seed=seed), "JPEG", quality=80)]
+    if len(data) % 3 and {"-", "_"} & set(base64.urlsafe_b64encode(data).decode())
+)
+
+
+@pytest.mark.parametrize("form", list(lenient_forms(LENIENT_FIXTURE)))
+@pytest.mark.parametrize(
+    "prefix",
+    ["data:image/jpeg;base64,", "DATA:image/JPEG;BASE64,", "data:application/octet-stream;base64,", "data:;base64,"]
+    + [""],  # bare
+)
+def test_base64_is_accepted_as_clients_send_it(form, prefix):
+    reference = prefix + lenient_forms(LENIENT_FIXTURE)[form]
+    expected = Image.open(io.BytesIO(LENIENT_FIXTURE)).convert("RGB")
+    loaded = load_image(reference, LIMITS, field="images[1]")
+    assert loaded.size == (40, 30) and loaded.tobytes() == expected.tobytes()
+
+
+def test_bare_base64_of_every_accepted_format_loads():
+    source = photo_like(40, 30)
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert load_image(base64.b64encode(to_bytes(source, fmt)).decode(), LIMITS).size == (40, 30), fmt
+
+
+def test_bare_base64_that_is_a_corrupt_image_says_what_is_wrong_with_it():
+    data = to_bytes(photo_like(), "JPEG")
+    assert "the image data is corrupt or truncated" in failure(base64.b64encode(data[: len(data) // 2]).decode())
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        ("QUJD=RA", "not valid base64"),  # padding in the middle
+        ("QUJDR", "not valid base64"),  # one character left over: no padding completes it
+        ("QUJD\u00e9", "not valid base64"),
+        ("QUJD*", "not valid base64"),
+    ],
+)
+def test_broken_base64_in_a_data_uri_is_refused(payload, reason):
+    assert reason in failure("data:image/png;base64," + payload)
+
+
+def test_base64_size_caps_hold_for_every_form():
+    limits = ImageLimits(max_bytes=30_000, max_pixels=10**8, timeout_seconds=5)
+    big = to_bytes(photo_like(200, 200), "BMP")  # 120 KB
+    for form in lenient_forms(big[: 30_001]).values():
+        for prefix in ("data:image/bmp;base64,", ""):
+            assert "larger than 30000 bytes" in failure(prefix + form, limits)
+    # Exactly at the cap (and wrapped, so longer than the cap's bare encoding) is still allowed through to decoding.
+    at_cap = to_bytes(photo_like(100, 100), "BMP")
+    limits_at_cap = ImageLimits(max_bytes=len(at_cap), max_pixels=10**8, timeout_seconds=5)
+    assert load_image(wrapped(base64.b64encode(at_cap).decode(), "\r\n"), limits_at_cap).size == (100, 100)
+    # A payload far beyond any image the cap allows is refused before it is decoded at all.
+    assert "larger than 30000 bytes" in failure("A" * 10_000_000, limits)
+
+
+def test_strings_that_look_like_urls_are_never_read_as_base64(allow_private):
+    for reference in (f"http://127.0.0.1:{closed_port()}/x.png", f"HTTPS://127.0.0.1:{closed_port()}/x"):
+        assert "could not connect" in failure(reference)
+    for malformed in ("http:/127.0.0.1/x.png", "httpexample.com/a.png", "http//example.com/a.png"):
+        message = failure(malformed)
+        assert NOT_ANY_FORM not in message and BASE64_NOT_AN_IMAGE not in message, message
 
 
 # ------------------------------------------------------------------------------- every Pillow failure is translated
@@ -182,7 +290,7 @@ def test_whatever_pillow_raises_at_any_stage_becomes_one_readable_sentence(stage
         monkeypatch.setattr(ImageOps, "exif_transpose", fail)
     else:
         monkeypatch.setattr(Image.Image, "convert", fail)
-    for reference in (data_uri(png_with_alpha),):
+    for reference in (data_uri(png_with_alpha), base64.b64encode(png_with_alpha).decode()):
         with pytest.raises(InputImageError) as caught:
             load_image(reference, LIMITS, field="images[2]")
         message = str(caught.value)

@@ -1,14 +1,15 @@
 """Images in and out: fetching and decoding user-supplied inputs safely, and encoding results.
 
-Inputs arrive as http(s) URLs or ``data:image/...;base64,`` URIs. URLs are fetched with the runpod SDK's own
-SSRF-safe client (``rp_ssrf.safe_get``): the host is resolved, every address checked, the connection pinned to the
-checked address, and each redirect re-checked. Loopback and private targets are refused unless the SDK's switch
-``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is true. Bytes are capped while streaming (never trusting Content-Length).
+An input arrives as an http(s) URL, a ``data:<type>;base64,`` URI, or bare base64 (as many Runpod workers take it).
+URLs are fetched with the runpod SDK's own SSRF-safe client (``rp_ssrf.safe_get``): the host is resolved, every
+address checked, the connection pinned to the checked address, and each redirect re-checked. Loopback and private
+targets are refused unless the SDK's switch ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS`` is true. Bytes are capped while
+streaming (never trusting Content-Length) and base64 is bounded before it is decoded.
 
 Decoding runs entirely inside ``_pillow_errors``, the one place where Pillow's exceptions become ``InputImageError``:
-only the formats in ``ACCEPTED_INPUT_FORMATS`` are tried (sniffed from the content, never the URL or Content-Type),
-the pixel count is checked from the header before any pixel is decoded (decompression bombs), and an animation is
-read as its first frame.
+only the formats in ``ACCEPTED_INPUT_FORMATS`` are tried (sniffed from the content, never the URL, Content-Type or
+data URI type), the pixel count is checked from the header before any pixel is decoded (decompression bombs), and
+an animation is read as its first frame.
 
 Outputs are encoded without metadata: no prompt in PNG text chunks, no EXIF.
 """
@@ -36,7 +37,17 @@ from .schema import OutputFormat
 ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 _NOT_AN_IMAGE = f"the content is not a {_FORMAT_NAMES} image"
-_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+(;[a-zA-Z0-9=.+-]+)*;base64,", re.ASCII)
+_FORMS = "an http(s) URL, a data:image/...;base64, URI or base64 image data"
+
+# An image type, the type browsers give a file they cannot name (application/octet-stream), or none at all: the
+# format is sniffed from the content either way. Parameters (;charset=..., ;name=...) are ignored.
+_DATA_URI = re.compile(
+    r"^data:(image/[a-z0-9.+-]+|application/octet-stream)?(;[^,;]*)*;base64,", re.ASCII | re.IGNORECASE
+)
+# What clients add to base64: line breaks (the base64 command wraps at 76 columns, with \n or \r\n) and spaces.
+_BASE64_WHITESPACE = b" \t\r\n\f\v"
+# The URL-safe alphabet (RFC 4648 section 5) differs only in these two characters.
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _CAUSE_CHARS = 160
 
 
@@ -61,6 +72,11 @@ def load_image(reference: str, limits: ImageLimits, *, field: str = "image") -> 
     ``field`` names the request field in every error (``image``, ``images[1]``, ``mask_image``).
     """
     data = read_image_bytes(reference, limits, field=field)
+    if _is_bare_base64(reference.strip()):
+        # Bytes that are no image at all most likely mean the value was never meant as base64 (a path, a typo'd
+        # URL): say which forms are accepted rather than only what the bytes are not.
+        not_an_image = f"the value is not an http(s) URL or a data URI, and as base64 it is not a {_FORMAT_NAMES} image"
+        return _decode(data, limits, field, not_an_image=not_an_image)
     return decode_image(data, limits, field=field)
 
 
@@ -68,13 +84,15 @@ def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image
     stripped = reference.strip()
     if stripped[:5].lower() == "data:":
         return _decode_data_uri(stripped, limits, field)
+    if _is_bare_base64(stripped):
+        return _decode_base64(stripped, limits, field, invalid=f"the value is not {_FORMS}")
     try:
         scheme = urlsplit(stripped).scheme.lower()
     except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 bracket): not a caller's URL we could ever fetch
         raise InputImageError("the URL is malformed (invalid IPv6 host)", field) from None
     if scheme not in ("http", "https"):
         raise InputImageError(
-            "only http(s) URLs and data:image/...;base64, URIs are accepted"
+            "only http(s) URLs, data:image/...;base64, URIs and base64 image data are accepted"
             + (f", not {scheme}:" if scheme and len(scheme) < 16 else ""),
             field,
         )
@@ -183,18 +201,47 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _is_bare_base64(reference: str) -> bool:
+    """Anything that is not a data URI and has no scheme is taken as bare base64 (which never contains ':').
+
+    A string with "://" or starting with "http" is always a URL, so a URL is never mistaken for base64.
+    """
+    return reference[:5].lower() != "data:" and ":" not in reference and reference[:4].lower() != "http"
+
+
 def _decode_data_uri(uri: str, limits: ImageLimits, field: str) -> bytes:
     match = _DATA_URI.match(uri)
     if not match:
         raise InputImageError("a data URI must look like data:image/<type>;base64,<data>", field)
-    payload = uri[match.end():]
-    # base64 inflates by 4/3: refuse before decoding anything that cannot fit.
-    if len(payload) > (limits.max_bytes * 4) // 3 + 4:
-        raise InputImageError(f"the image is larger than {limits.max_bytes} bytes", field)
+    return _decode_base64(uri[match.end():], limits, field, invalid="the data URI is not valid base64")
+
+
+def _decode_base64(text: str, limits: ImageLimits, field: str, *, invalid: str) -> bytes:
+    """Decode base64 as clients send it: wrapped in lines, with spaces, URL-safe, or without its padding.
+
+    The encoded length is bounded before anything is decoded, the decoded size after.
+    """
+    too_large = f"the image is larger than {limits.max_bytes} bytes"
+    max_encoded = 4 * -(-limits.max_bytes // 3)
+    # Generous room for line breaks and spaces; the exact bound is checked once they are gone.
+    if len(text) > 2 * max_encoded + 1024:
+        raise InputImageError(too_large, field)
     try:
-        return base64.b64decode(payload, validate=True)
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise InputImageError(invalid, field) from None
+    compact = raw.translate(_URL_SAFE_TO_STANDARD, _BASE64_WHITESPACE).rstrip(b"=")
+    if len(compact) > max_encoded:
+        raise InputImageError(too_large, field)
+    if len(compact) % 4 == 1:  # no padding can complete a group with a single character
+        raise InputImageError(invalid, field)
+    try:
+        data = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InputImageError("the data URI is not valid base64", field) from None
+        raise InputImageError(invalid, field) from None
+    if len(data) > limits.max_bytes:
+        raise InputImageError(too_large, field)
+    return data
 
 
 def _download(url: str, limits: ImageLimits, field: str) -> bytes:

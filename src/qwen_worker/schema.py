@@ -18,7 +18,8 @@ DashScope, Oxen/eachlabs). The README's parameter table documents every field; k
     output_format                           string            png (t2i) / jpeg (edit)  png | jpeg (jpg) | webp
     output_quality                          integer           jpeg 95, webp 90   1..100, jpeg and webp only
     enable_safety_checker                   boolean           true               disable_safety_checker is its inverse
-    image                                   string            -                  http(s) URL or data:image/...;base64, URI: an edit
+    image                                   string            -                  http(s) URL, data:image/...;base64, URI or bare
+                                                                                 base64 (line-wrapped, URL-safe, unpadded): an edit
     images                                  array of strings  -                  1..3 references (Edit-Plus models)
     match_input_size                        boolean           false              edit: return the input's exact dimensions
     loras                                   array             []                 up to 3 {path, scale}; scale -4..4
@@ -326,7 +327,9 @@ def _image_urls(fields: "_Fields") -> tuple[str, ...]:
     if images is None:
         return ()
     if not isinstance(images, list) or not 1 <= len(images) <= MAX_EDIT_IMAGES:
-        raise ValidationError("images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs or data URIs")
+        raise ValidationError(
+            "images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs, data URIs or base64 strings"
+        )
     for index, item in enumerate(images):
         if not isinstance(item, str) or not item.strip():
             raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {_json_type(item)}")
