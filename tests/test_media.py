@@ -320,6 +320,13 @@ def test_a_jpeg_with_a_multi_picture_index_is_accepted():
     assert load_image(data_uri(data, "image/jpeg"), LIMITS).size == (64, 48)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_is_scaled_not_clipped_to_white(fmt):
+    grey = Image.frombytes("I;16", (4, 4), struct.pack("<H", 32768) * 16)
+    loaded = load_image(data_uri(to_bytes(grey, fmt)), LIMITS)
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (128, 128, 128)
+
+
 def test_formats_outside_the_accepted_six_are_not_even_parsed():
     for fmt in ("ICO", "PCX", "TGA", "PPM", "SGI"):
         message = failure(data_uri(to_bytes(photo_like(32, 32), fmt)))

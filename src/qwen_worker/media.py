@@ -193,6 +193,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Flatten alpha onto white (what a viewer shows) and expand palettes, so the pipeline always gets RGB."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16"):
+        # 16-bit grey (PNG, TIFF): Pillow's convert("RGB") clips at 255, so mid-grey 32768 would turn white.
+        # Scale to 8 bits the way a viewer shows it.
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
