@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: venv models demo test lint bench clean s3-server
+.PHONY: venv models demo test lint bench clean s3-server image-corpus
 
 # Re-install only when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -34,7 +34,12 @@ demo: $(MODELS)/.built
 s3-server:
 	@bash scripts/install_s3_server.sh || echo "WARNING: local S3 server not installed; S3 tests will skip"
 
-test: $(VENV)/.installed s3-server
+# Pillow's own test images (over a thousand broken, hostile and exotic files) for tests/test_image_corpus.py, fetched
+# once from its sdist on PyPI into ~/.cache. Without them that test skips loudly (and fails under CI=true).
+image-corpus: $(VENV)/.installed
+	@$(PY) scripts/fetch_image_corpus.py || echo "WARNING: image corpus not fetched; tests/test_image_corpus.py will skip"
+
+test: $(VENV)/.installed s3-server image-corpus
 	$(PY) -m pytest
 
 # ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify) over everything, mypy --strict over src/ and handler.py.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from fixtures_http import closed_port, file_server
@@ -116,3 +118,16 @@ def test_unreachable_image_fails_as_invalid_image_url(worker, images_server):
 def test_logs_do_not_carry_image_data(worker):
     completed_output(worker.runsync({"prompt": "a tree", "size": "256*256", "seed": 5}))
     assert "base64," not in worker.log_text()
+
+
+def test_base64_as_clients_send_it_is_accepted_and_garbage_refused(worker):
+    encoded = base64.b64encode(to_bytes(photo_like(120, 80), "JPEG")).decode()
+    wrapped = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # `base64` output, CRLF
+    url_safe = encoded.replace("+", "-").replace("/", "_").rstrip("=")
+    for image in (encoded, wrapped, url_safe, "data:image/jpeg;base64," + wrapped, "data:image/jpeg;base64," + url_safe):
+        quote = completed_output(worker.runsync({"prompt": EDIT_PROMPT, "image": image, "dry_run": True}))
+        assert (quote["width"], quote["height"]) == (1248, 832)  # the input's 3:2, so it really was decoded
+    for garbage in ("cat.png", "aGVsbG8gd29ybGQ="):
+        body = worker.runsync({"prompt": EDIT_PROMPT, "image": garbage})
+        assert body["status"] == "FAILED", body
+        assert body["error"].startswith("Invalid image URL (image): the value is not an http(s) URL"), body

@@ -113,10 +113,10 @@ def failing_inputs(images_url: str, port: int) -> list[tuple[dict[str, Any], str
     return [
         ({**edit, "image": images_url + "/missing.png"}, "Invalid image URL (image): 127.0.0.1 answered HTTP 404"),
         ({**edit, "image": f"http://127.0.0.1:{port}/x.png"}, "Invalid image URL (image): could not connect to"),
-        ({**edit, "image": images_url + "/not-an-image.png"}, "the content is not an image Pillow can read"),
+        ({**edit, "image": images_url + "/not-an-image.png"}, "the content is not a PNG, JPEG, WebP, GIF"),
         ({**edit, "image": images_url + "/truncated.png"}, "the image data is corrupt or truncated"),
         ({**edit, "image": "data:image/png;base64,@@@@"}, "the data URI is not valid base64"),
-        ({**edit, "image": "ftp://127.0.0.1/x.png"}, "only http(s) URLs and data:image/...;base64, URIs are accepted"),
+        ({**edit, "image": "ftp://127.0.0.1/x.png"}, "only http(s) URLs, data:image/...;base64, URIs and base64"),
         (
             {"prompt": "a cat", "size": "256*256", "loras": [{"path": images_url + "/none.safetensors", "scale": 1}]},
             "Invalid LoRA (loras[0]): 127.0.0.1 answered HTTP 404",

@@ -299,7 +299,9 @@ def _image_urls(fields: _Fields) -> tuple[str, ...]:
     if images is None:
         return ()
     if not isinstance(images, list) or not 1 <= len(images) <= MAX_EDIT_IMAGES:
-        raise ValidationError("images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs or data URIs")
+        raise ValidationError(
+            "images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs, data URIs or base64 strings"
+        )
     for index, item in enumerate(images):
         if not isinstance(item, str) or not item.strip():
             raise ValidationError(f"images[{index}]", f"must be a non-empty string, got {json_type(item)}")
