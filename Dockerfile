@@ -56,7 +56,7 @@ ARG QWEN_IMAGE_REVISION=main
 ARG QWEN_IMAGE_EDIT_REVISION=main
 ARG BAKE_MODELS=true
 ARG SAFETY_CHECKER_MODEL=CompVis/stable-diffusion-safety-checker
-ARG HF_ENDPOINT
+ARG HF_ENDPOINT=
 COPY builder/fetch_models.py builder/
 # The checker is baked even when the pipelines are not: a slim image must start with its defaults, and Runpod's
 # cached-model field names one repo, the pipeline. /models exists whatever is baked (the chmod must not fail).
