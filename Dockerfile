@@ -43,7 +43,8 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 
 # Dependencies first: this layer is rebuilt only when the pins change, not on every code edit. pip's download cache
-# is a build cache mount: a rebuild after a pin change re-downloads only what changed, and no layer keeps it.
+# is a build cache mount, in no layer: with BuildKit a rebuild after a pin change re-downloads only what changed.
+# (Debian 12's buildah 1.28, which `make image-test` uses, keeps nothing in it; there the layer cache does the work.)
 COPY requirements.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -r requirements.txt

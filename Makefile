@@ -50,7 +50,7 @@ soak: $(VENV)/.installed s3-server
 
 # Build the Dockerfile for real with buildah against a debootstrap stand-in for nvidia/cuda, and serve from the images
 # with no network (scripts/image_test.py). Needs root; skips loudly without it (fails under CI=true or
-# REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min, warm about a minute.
+# REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min (measured), warm ~1 min.
 image-test: $(MODELS)/.built
 	$(PY) scripts/image_test.py
 
