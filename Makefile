@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: venv models demo test lint bench clean s3-server image-corpus
+.PHONY: venv models demo test lint bench clean s3-server image-corpus image-test
 
 # Re-install only when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -57,6 +57,12 @@ bench: $(VENV)/.installed s3-server
 .PHONY: soak
 soak: $(VENV)/.installed s3-server
 	$(PY) -m pytest -m soak -s
+
+# Build the Dockerfile for real with buildah against a debootstrap stand-in for nvidia/cuda, and serve from the images
+# with no network (scripts/image_test.py). Needs root; skips loudly without it (fails under CI=true or
+# REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min (measured), warm ~1 min.
+image-test: $(MODELS)/.built
+	$(PY) scripts/image_test.py
 
 clean:
 	rm -rf $(VENV) models outputs .pytest_cache

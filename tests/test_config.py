@@ -61,6 +61,19 @@ def test_bad_values_name_the_variable(name, value):
         Settings.from_env(env)
 
 
+def test_no_checker_model_means_the_policy_defaults_to_off():
+    """An image built with SAFETY_CHECKER_MODEL=none carries it in its ENV and must start with no other setting."""
+    assert Settings.from_env({}).safety_checker == "on"
+    settings = Settings.from_env({"SAFETY_CHECKER_MODEL": "none"})
+    assert settings.safety_checker == "off"
+    assert Settings.from_env({"SAFETY_CHECKER_MODEL": "None", "SAFETY_CHECKER": "off"}).safety_checker == "off"
+    for policy in ("on", "always"):
+        with pytest.raises(ConfigError, match=f"SAFETY_CHECKER={policy} needs a safety checker"):
+            Settings.from_env({"SAFETY_CHECKER_MODEL": "none", "SAFETY_CHECKER": policy})
+    other = Settings.from_env({"SAFETY_CHECKER_MODEL": "Org/other-checker"})
+    assert (other.safety_checker, other.safety_checker_model) == ("on", "Org/other-checker")
+
+
 def test_partial_bucket_configuration_names_what_is_missing():
     env = dict(BUCKET)
     del env["BUCKET_NAME"]

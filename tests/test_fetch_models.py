@@ -170,7 +170,7 @@ class FakeHub:
     API_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/.*)?$")
     RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
-    def __init__(self, repos: dict[str, FakeRepo]) -> None:
+    def __init__(self, repos: dict[str, FakeRepo], port: int = 0) -> None:
         self.repos = repos
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
@@ -192,7 +192,7 @@ class FakeHub:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,9 +66,10 @@ def test_cmd_runs_the_handler_unbuffered():
     assert cmds == ['["python", "-u", "handler.py"]']
 
 
-def test_base_is_a_cuda_runtime_matching_the_torch_build_and_python_312():
-    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-runtime-ubuntu24\.04", DOCKERFILE)
-    assert "python3.12" in DOCKERFILE
+def test_base_is_cuda_base_matching_the_torch_build_and_python_312():
+    # The "base" flavour: torch's wheels bring CUDA's math libraries themselves (see the Dockerfile's comment).
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-base-ubuntu24\.04$", DOCKERFILE, re.M)
+    assert re.search(r"^ARG PYTHON=python3\.12$", DOCKERFILE, re.M)  # Ubuntu 24.04's Python
     torch_pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
     assert torch_pin and torch_pin.group(1) == "2.13.0"  # PyPI's 2.13.0 wheel is the CUDA 13.0 build
 
@@ -169,3 +172,107 @@ def test_every_hub_test_completes_on_the_tiny_pipelines(tiny_models, tmp_path):
                 assert output["image_url"] and output["cost"] > 0, test["name"]
         finally:
             worker.stop()
+
+
+# ------------------------------------------------------------------------------- the Dockerfile's steps, evaluated
+
+
+def run_step(marker: str) -> str:
+    """The shell text of the RUN step containing ``marker``, without its --mount options."""
+    step = next(args for word, args in instructions() if word == "RUN" and marker in args)
+    return re.sub(r"^(--\S+\s+)+", "", step)
+
+
+def image_env(build_args: dict[str, str]) -> dict[str, str]:
+    """The runtime environment the Dockerfile gives its image for these build args (ARG defaults, ENV, ${VAR})."""
+    values: dict[str, str] = {}
+    env: dict[str, str] = {}
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), ""), text)
+
+    for word, args in instructions():
+        if word == "ARG":
+            name, _, default = args.partition("=")
+            values[name] = build_args.get(name, expand(default))
+        elif word == "ENV":
+            for pair in shlex.split(args):
+                name, _, value = pair.partition("=")
+                env[name] = values[name] = expand(value)
+    return env
+
+
+DEFAULT_CHECKER = "CompVis/stable-diffusion-safety-checker"
+
+
+@pytest.mark.parametrize("bake", ["true", "false"])
+@pytest.mark.parametrize("checker", [DEFAULT_CHECKER, "none"])
+def test_fetch_step_succeeds_for_every_bake_choice_and_always_bakes_the_checker(bake, checker, tmp_path):
+    """The fetch RUN step's own shell text, with a stub python recording what it is asked to fetch.
+
+    A slim build (BAKE_MODELS=false) fetches no pipeline but still bakes the checker, unless it is "none"; whatever is
+    baked, /models exists afterwards (the step's chmod used to fail on a build that bakes nothing)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_ARGS"\n')
+    (stub / "python").chmod(0o755)
+    models = tmp_path / "models"
+    script = run_step("fetch_models.py").replace("/models", str(models))
+    env = {
+        "PATH": f"{stub}:/usr/bin:/bin",
+        "STUB_ARGS": str(tmp_path / "args"),
+        "QWEN_IMAGE_MODEL": "Qwen/Qwen-Image",
+        "QWEN_IMAGE_EDIT_MODEL": "none",
+        "QWEN_IMAGE_REVISION": "main",
+        "QWEN_IMAGE_EDIT_REVISION": "main",
+        "BAKE_MODELS": bake,
+        "SAFETY_CHECKER_MODEL": checker,
+    }
+    done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert models.is_dir()
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[args.index("--models") + 1] == ("t2i" if bake == "true" else "none")
+    if checker == "none":
+        assert "--extra-repo" not in args
+    else:
+        assert args[args.index("--extra-repo") + 1] == checker
+
+
+@pytest.mark.parametrize("checker", [DEFAULT_CHECKER, "Org/other-checker", "none"])
+def test_the_checker_build_arg_reaches_the_worker_and_a_slim_image_starts_with_its_defaults(checker):
+    from qwen_worker.config import Settings
+
+    env = image_env({"BAKE_MODELS": "false", "SAFETY_CHECKER_MODEL": checker})
+    assert env["SAFETY_CHECKER_MODEL"] == checker
+    settings = Settings.from_env(env)  # a ConfigError here is a worker that refuses to start
+    assert settings.safety_checker == ("off" if checker == "none" else "on")
+    assert settings.safety_checker_model == checker
+
+
+def test_python_is_named_once_as_a_build_arg():
+    code = "\n".join(f"{word} {args}" for word, args in instructions())
+    assert re.findall(r"python3\.\d+", code) == ["python3.12"]  # only ARG PYTHON's default
+    apt = run_step("apt-get install")
+    assert '"$PYTHON" "$PYTHON-venv"' in apt and '"$PYTHON" -m venv' in apt
+
+
+def test_requirements_say_where_the_image_takes_torch_from():
+    comment = " ".join(
+        line.lstrip("# ") for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("#")
+    )
+    uses_pytorch_index = "download.pytorch.org" in DOCKERFILE or "index-url" in DOCKERFILE
+    claims_pytorch_index = bool(re.search(r"from the PyTorch (CUDA )?index", comment))
+    assert claims_pytorch_index == uses_pytorch_index, comment
+    assert "PyPI" in comment and "CUDA 13" in comment
+
+
+def test_the_package_is_built_outside_app():
+    """``pip install .`` in /app leaves /app/build (and an egg-info) in the image."""
+    install = run_step("--no-deps")
+    for command in re.split(r";|&&", install):
+        words = shlex.split(command)
+        if words[:2] == ["pip", "install"]:
+            target = [word for word in words[2:] if not word.startswith("-")]
+            assert target and not any(t in (".", "./", "/app", "/app/") for t in target), command
+            assert target[0].startswith("/tmp/")

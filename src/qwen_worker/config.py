@@ -142,7 +142,7 @@ class Settings:
             lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),
             lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA", default.lightning_edit_lora),
             lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP", default.lightning_edit_lora_4step),
-            safety_checker=reader.choice("SAFETY_CHECKER", default.safety_checker, ("on", "always", "off")),
+            safety_checker=_safety_checker_policy(reader, default.safety_checker),
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or default.safety_checker_model,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", default.safety_check_inputs),
             share_components=reader.boolean("SHARE_COMPONENTS", default.share_components),
@@ -185,6 +185,20 @@ def _acceleration_settings(reader: _EnvReader, default: AccelerationSettings) ->
         batched_cfg=batched_cfg,
         warmup_sizes=tuple(sizes),
     )
+
+
+def _safety_checker_policy(reader: _EnvReader, default: str) -> str:
+    """SAFETY_CHECKER, whose default follows SAFETY_CHECKER_MODEL: ``none`` means no checker is installed (an image
+    built with SAFETY_CHECKER_MODEL=none carries that in its ENV), so the policy defaults to ``off``; asking for
+    ``on`` or ``always`` without a checker is a contradiction, refused rather than guessed."""
+    no_checker = reader.text("SAFETY_CHECKER_MODEL", "").lower() == "none"
+    policy = reader.choice("SAFETY_CHECKER", "off" if no_checker else default, ("on", "always", "off"))
+    if no_checker and policy != "off":
+        raise ConfigError(
+            f"SAFETY_CHECKER={policy} needs a safety checker but SAFETY_CHECKER_MODEL=none: name a checker "
+            "(a folder or repo id) or set SAFETY_CHECKER=off"
+        )
+    return policy
 
 
 def _hf_hub_cache(env: Mapping[str, str]) -> Path | None:
