@@ -58,7 +58,9 @@ TINY = ROOT / "models" / "tiny"
 CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 PIPELINE_REPO = "Qwen/Qwen-Image"
 IMAGE = "localhost/qwen-worker-image-test"
-CONTEXT_FILES = ("requirements.txt", "pyproject.toml", "handler.py", "test_input.json", "builder/fetch_models.py", "src")
+CONTEXT_FILES = (
+    "requirements.txt", "pyproject.toml", "handler.py", "test_input.json", "builder/fetch_models.py", "src",
+)
 # The worker's run-time settings for the tiny models on a CPU: nothing else differs from the image's own ENV.
 RUN_ENV = {"REQUIRE_CUDA": "0", "DEFAULT_STEPS": "2"}
 
@@ -310,7 +312,7 @@ def serve_and_runsync(tag: str, mounts: list[str], env: dict[str, str]) -> tuple
 
 def in_netns(container: str, request: str, volumes: list[str]) -> int:
     """(Inside the empty namespace.) Start the API server in the container, wait, POST /runsync, print timings."""
-    log = open(CACHE / "logs" / "api-server.log", "w")
+    log = open(CACHE / "logs" / "api-server.log", "w")  # noqa: SIM115 - the server's stdout until it is stopped
     started = time.monotonic()
     server = subprocess.Popen(
         ["buildah", "run", *volumes, container, "--", "python", "handler.py", "--rp_serve_api",
@@ -320,7 +322,8 @@ def in_netns(container: str, request: str, volumes: list[str]) -> int:
     try:
         while True:
             if server.poll() is not None:
-                raise SystemExit(f"API server exited {server.returncode}: {(CACHE / 'logs/api-server.log').read_text()[-4000:]}")
+                output = (CACHE / "logs/api-server.log").read_text()[-4000:]
+                raise SystemExit(f"API server exited {server.returncode}: {output}")
             if time.monotonic() - started > 600:
                 raise SystemExit("API server did not listen within 600 s")
             try:
@@ -392,7 +395,8 @@ def main() -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     driver = storage_driver()
     ENV = buildah_env(driver)
-    say(f"store {CACHE}/storage-{driver} ({driver}), stand-in {SUITE} with {PYTHON}; {sh('buildah', '--version', capture=True).stdout.strip()}")
+    version = sh("buildah", "--version", capture=True).stdout.strip()
+    say(f"store {CACHE}/storage-{driver} ({driver}), stand-in {SUITE} with {PYTHON}; {version}")
     total = time.monotonic()
 
     started = time.monotonic()
@@ -466,7 +470,8 @@ def main() -> int:
     assert all(cached for i, cached in layer_steps if i < first_code), rebuilt
     assert not any(cached for i, cached in layer_steps if i >= first_code), rebuilt
     hits = sum(cached for _, cached in layer_steps)
-    timings.append((f"rebuild after a code-only change ({hits}/{len(layer_steps)} RUN/COPY layers from cache)", elapsed))
+    rebuild_label = f"rebuild after a code-only change ({hits}/{len(layer_steps)} RUN/COPY layers from cache)"
+    timings.append((rebuild_label, elapsed))
     say(f"STAGE rebuild: {elapsed:.1f} s; cache hits up to COPY src/, rebuilt from there: "
         + ", ".join(f"{instr.split()[0]} {'hit' if cached else 'ran'}" for instr, cached, _ in rebuilt
                     if instr.split()[0] in ("RUN", "COPY")))
