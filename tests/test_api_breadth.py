@@ -13,10 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from fixtures_http import file_server
-from images import photo_like, to_bytes
-from lora_files import random_pairs, write_diffusers
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
+from support.file_server import file_server
+from support.images import photo_like, to_bytes
+from support.lora_files import random_pairs, write_diffusers
+from support.responses import completed_output, decode_data_uri, open_image
 
 
 class ProgressReceiver:
@@ -76,22 +76,16 @@ def files(lora_dir):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, lora_dir, progress_receiver, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit-plus"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-            "LIGHTNING_LORA": str(lora_dir / "lightning-8step.safetensors"),
-            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora-cache")),
-            # Where the SDK's progress_update posts; a receiver on 127.0.0.1 (production mode stays off).
-            "RUNPOD_WEBHOOK_POST_OUTPUT": progress_receiver.url_template,
-        },
-        tmp_path_factory.mktemp("breadth") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(start_worker, tiny_models, lora_dir, progress_receiver, tmp_path_factory):
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]),
+        RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true",
+        LIGHTNING_LORA=str(lora_dir / "lightning-8step.safetensors"),
+        LORA_CACHE_DIR=str(tmp_path_factory.mktemp("lora-cache")),
+        # Where the SDK's progress_update posts; a receiver on 127.0.0.1 (production mode stays off).
+        RUNPOD_WEBHOOK_POST_OUTPUT=progress_receiver.url_template,
+    ) as server:
+        yield server
 
 
 def image_of(output: dict, index: int = 0) -> tuple[str, bytes]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures_http import closed_port, file_server
-from images import photo_like, to_bytes
+from support.file_server import closed_port, file_server
+from support.images import photo_like, to_bytes
+from support.responses import completed_output, decode_data_uri, open_image
+
 from qwen_worker.schema import SEED_LIMIT
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
 
 EDIT_PROMPT = "change the trench coat and high heels color to light grey"
 
@@ -20,18 +21,11 @@ def images_server():
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-        },
-        tmp_path_factory.mktemp("worker") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(start_worker, tiny_models):
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true"
+    ) as server:
+        yield server
 
 
 def test_runpod_t2i_example_completes(worker):

@@ -3,12 +3,13 @@ job succeeds."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lora_files import random_pairs, write_diffusers
-from qwen_worker.app import build_worker
-from qwen_worker.config import Settings
+from support.lora_files import random_pairs, write_diffusers
+from support.responses import decode_data_uri, open_image
+
 from qwen_worker.schema import Task
 
 
@@ -21,18 +22,8 @@ def lightning_file(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, lightning_file):
-    return build_worker(
-        Settings.from_env(
-            {
-                "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-                "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-                "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-                "LIGHTNING_LORA": str(lightning_file),
-                "DEFAULT_STEPS": "2",
-            }
-        )
-    )
+def worker(make_worker, tiny_models, lightning_file):
+    return make_worker(QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), LIGHTNING_LORA=str(lightning_file))
 
 
 def t2i(**extra):
@@ -102,17 +93,13 @@ def test_fast_mode_leaves_no_lora_or_scheduler_behind(worker):
     assert worker.handle({"id": "again", "input": t2i()})["image_url"] == reference
 
 
-def test_task_not_served_and_multi_image_needs_edit_plus(tiny_models):
-    edit_only = build_worker(
-        Settings.from_env(
-            {"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]), "SAFETY_CHECKER": "off"}
-        )
-    )
+def test_task_not_served_and_multi_image_needs_edit_plus(make_worker, tiny_models):
+    edit_only = make_worker(QWEN_IMAGE_MODEL="none", QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), SAFETY_CHECKER="off")
     assert "does not serve text-to-image" in edit_only.handle({"id": "1", "input": t2i()})["error"]
     many = {"prompt": "merge", "images": ["data:image/png;base64,AAAA", "data:image/png;base64,AAAA"]}
     assert "needs an Edit-Plus model" in edit_only.handle({"id": "2", "input": many})["error"]
 
-    t2i_only = build_worker(Settings.from_env({"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER": "off"}))
+    t2i_only = make_worker(SAFETY_CHECKER="off")
     message = t2i_only.handle({"id": "3", "input": {"prompt": "blue", "image": "data:image/png;base64,AAAA"}})["error"]
     assert "does not serve image editing" in message
 
@@ -123,10 +110,6 @@ def test_overlong_prompt_is_noted(worker):
 
 
 def test_a_single_step_gives_a_real_image_and_leaves_the_scheduler_alone(worker):
-    import numpy as np
-
-    from worker_api import decode_data_uri, open_image
-
     pipeline = worker.runner.pipeline_for(Task.TEXT_TO_IMAGE).pipeline
     scheduler = pipeline.scheduler
     result = worker.handle({"id": "one", "input": t2i(num_inference_steps=1)})

@@ -597,11 +597,8 @@ def test_worker_resolves_the_download_offline(downloaded, tmp_path):
 
 @pytest.fixture(scope="module")
 def fetch_models():
-    sys.path.insert(0, str(ROOT / "builder"))
-    try:
-        import fetch_models as module
-    finally:
-        sys.path.remove(str(ROOT / "builder"))
+    import fetch_models as module  # builder/fetch_models.py
+
     return module
 
 

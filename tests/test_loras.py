@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import lora_files
-from fixtures_http import Route, closed_port, file_server
+from support import lora_files
+from support.file_server import Route, closed_port, file_server
+
 from qwen_worker.errors import LoraError
 from qwen_worker.loras import LoraRequest, LoraStore, applied_loras
 

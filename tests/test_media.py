@@ -8,8 +8,9 @@ import io
 import pytest
 from PIL import Image
 
-from fixtures_http import closed_port, file_server
-from images import photo_like, to_bytes
+from support.file_server import closed_port, file_server
+from support.images import photo_like, to_bytes
+
 from qwen_worker.errors import InputImageError
 from qwen_worker.media import ImageLimits, encode_image, load_image
 from qwen_worker.schema import OutputFormat
