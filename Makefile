@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: venv models demo test lint bench clean s3-server image-corpus image-test
+.PHONY: help venv models demo test test-fast lint bench clean s3-server image-corpus image-test
+
+# Each target's `## ` comment is its line in `make help`.
+help: ## List the targets, one line each
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
 
 # Re-install only when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -14,16 +18,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -qq --no-deps -e .
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed ## Create .venv with the pinned requirements (again only when the pins change)
 
 $(MODELS)/.built: $(VENV)/.installed builder/tiny_models.py
 	HF_HUB_OFFLINE=1 $(PY) builder/tiny_models.py $(MODELS)
 	touch $@
 
-models: $(MODELS)/.built
+models: $(MODELS)/.built ## Build the tiny random-weight pipelines into models/tiny
 
 # Text-to-image on test_input.json with the tiny random-weight pipeline, in runpod's local test mode.
-demo: $(MODELS)/.built
+demo: $(MODELS)/.built ## Text-to-image on test_input.json with the tiny pipelines; image in outputs/
 	HF_HUB_OFFLINE=1 QWEN_IMAGE_MODEL=$(MODELS)/qwen-image QWEN_IMAGE_EDIT_MODEL=$(MODELS)/qwen-image-edit \
 		SAFETY_CHECKER_MODEL=$(MODELS)/safety-checker \
 		DEFAULT_STEPS=2 LOCAL_OUTPUT_DIR=outputs $(PY) handler.py
@@ -31,38 +35,42 @@ demo: $(MODELS)/.built
 
 # The S3 tests need a local Swift server from Debian's packages; installing it needs root. Without it they skip
 # loudly (and fail under REQUIRE_S3_TESTS=1, as .ci/run sets).
-s3-server:
+s3-server: ## Install the local Swift S3 server the S3 tests use (needs root; warns otherwise)
 	@bash scripts/install_s3_server.sh || echo "WARNING: local S3 server not installed; S3 tests will skip"
 
 # Pillow's own test images (over a thousand broken, hostile and exotic files) for tests/test_image_corpus.py, fetched
 # once from its sdist on PyPI into ~/.cache. Without them that test skips loudly (and fails under CI=true).
-image-corpus: $(VENV)/.installed
+image-corpus: $(VENV)/.installed ## Fetch Pillow's corpus of broken and exotic images (once, into ~/.cache)
 	@$(PY) scripts/fetch_image_corpus.py || echo "WARNING: image corpus not fetched; tests/test_image_corpus.py will skip"
 
-test: $(VENV)/.installed s3-server image-corpus
+test: $(VENV)/.installed s3-server image-corpus ## Every test but the soak
 	$(PY) -m pytest
 
-# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify) over everything, mypy --strict over src/ and handler.py.
-lint: $(VENV)/.installed
+# The quick loop: no worker processes (the e2e marker, tests/conftest.py), so no S3 server to install either.
+test-fast: $(VENV)/.installed ## The quick loop: pytest -m "not e2e" (in-process tests only, no worker process)
+	$(PY) -m pytest -m "not e2e"
+
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify) everywhere; mypy --strict over src/ and handler.py.
+lint: $(VENV)/.installed ## ruff and mypy --strict, as CI runs them before the tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # Everything around the model for a 1 MP result (validate, encode, upload to a local S3 server it starts itself,
 # respond) beside a naive baseline, then an encoder-settings sweep. A benchmark, not a test: see docs/PERFORMANCE.md.
-bench: $(VENV)/.installed s3-server
+bench: $(VENV)/.installed s3-server ## CPU benchmark of everything around the model (docs/PERFORMANCE.md)
 	$(PY) bench/worker_overhead.py $(BENCH_ARGS)
 
 # The soak (tests/test_soak.py): 300+ mixed jobs through one worker, every response checked and RSS growth bounded.
 # A few minutes on 2 cores, so `make test` leaves it out (pyproject's -m "not soak").
 .PHONY: soak
-soak: $(VENV)/.installed s3-server
+soak: $(VENV)/.installed s3-server ## 300+ mixed jobs through one worker with an RSS bound (minutes)
 	$(PY) -m pytest -m soak -s
 
 # Build the Dockerfile for real with buildah against a debootstrap stand-in for nvidia/cuda, and serve from the images
 # with no network (scripts/image_test.py). Needs root; skips loudly without it (fails under CI=true or
 # REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min (measured), warm ~1 min.
-image-test: $(MODELS)/.built
+image-test: $(MODELS)/.built ## Build the image with buildah on a Debian stand-in base and serve from it offline
 	$(PY) scripts/image_test.py
 
-clean:
+clean: ## Remove .venv, models, outputs and pytest's cache
 	rm -rf $(VENV) models outputs .pytest_cache

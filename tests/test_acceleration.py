@@ -6,11 +6,11 @@ import logging
 
 import numpy as np
 import pytest
+from support.images import photo_like, to_bytes
+from support.responses import decode_data_uri, open_image
 
-from qwen_worker.app import build_worker
 from qwen_worker.config import Settings
 from qwen_worker.errors import ConfigError
-from worker_api import decode_data_uri, open_image
 
 JOB = {"prompt": "a lighthouse", "size": "256*256", "seed": 12}
 
@@ -19,20 +19,18 @@ def pixels(result: dict) -> np.ndarray:
     return np.asarray(open_image(decode_data_uri(result["image_url"])[1]), dtype=np.int16)
 
 
-def run(tiny_models, jobs=(JOB,), **env: str) -> list[dict]:
-    worker = build_worker(
-        Settings.from_env({"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER": "off", "DEFAULT_STEPS": "4", **env})
-    )
+def run(make_worker, jobs=(JOB,), **env: str) -> list[dict]:
+    worker = make_worker(**{"SAFETY_CHECKER": "off", "DEFAULT_STEPS": "4", **env})
     return [worker.handle({"id": f"j{index}", "input": job}) for index, job in enumerate(jobs)]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_models):
-    return pixels(run(tiny_models)[0])
+def reference(make_worker):
+    return pixels(run(make_worker)[0])
 
 
-def test_forcing_an_sdpa_kernel_gives_the_reference_image(tiny_models, reference):
-    assert np.abs(pixels(run(tiny_models, ATTENTION_BACKEND="_native_math")[0]) - reference).max() <= 1
+def test_forcing_an_sdpa_kernel_gives_the_reference_image(make_worker, reference):
+    assert np.abs(pixels(run(make_worker, ATTENTION_BACKEND="_native_math")[0]) - reference).max() <= 1
 
 
 @pytest.mark.parametrize("backend", ["flash_hub", "_flash_3_hub", "sage_hub", "magic"])
@@ -41,9 +39,9 @@ def test_backends_that_download_kernels_or_do_not_exist_are_refused(backend):
         Settings.from_env({"ATTENTION_BACKEND": backend})
 
 
-def test_a_backend_that_is_not_installed_stops_the_worker(tiny_models):
+def test_a_backend_that_is_not_installed_stops_the_worker(make_worker):
     with pytest.raises(ConfigError, match="ATTENTION_BACKEND=flash is not usable"):
-        run(tiny_models, ATTENTION_BACKEND="flash")
+        run(make_worker, ATTENTION_BACKEND="flash")
 
 
 @pytest.mark.parametrize("value", ["fbcache:abc", "lru", "fbcache:-1"])
@@ -53,17 +51,17 @@ def test_bad_step_cache_values_name_the_variable(value):
 
 
 @pytest.mark.parametrize("cache", ["fbcache:0.5", "taylorseer:2"])
-def test_step_cache_is_repeatable_and_really_skips_work(tiny_models, reference, cache):
-    first, second = run(tiny_models, jobs=(JOB, JOB), STEP_CACHE=cache)
+def test_step_cache_is_repeatable_and_really_skips_work(make_worker, reference, cache):
+    first, second = run(make_worker, jobs=(JOB, JOB), STEP_CACHE=cache)
     assert np.array_equal(pixels(first), pixels(second))  # no cache state leaks from one job into the next
     assert not np.array_equal(pixels(first), reference)  # a trade-off: the image is not the reference one
 
 
 @pytest.mark.slow
-def test_regional_compilation_matches_the_reference_and_warms_up_at_start(tiny_models, reference, caplog):
+def test_regional_compilation_matches_the_reference_and_warms_up_at_start(make_worker, reference, caplog):
     with caplog.at_level(logging.INFO, logger="qwen_worker"):
         compiled, other_size = run(
-            tiny_models, jobs=(JOB, {**JOB, "size": "320*256"}), COMPILE="regional", COMPILE_WARMUP_SIZES="256*256"
+            make_worker, jobs=(JOB, {**JOB, "size": "320*256"}), COMPILE="regional", COMPILE_WARMUP_SIZES="256*256"
         )
     assert np.abs(pixels(compiled) - reference).max() <= 1
     assert "warm-up 256x256 took" in caplog.text
@@ -87,10 +85,10 @@ def batched_calls(monkeypatch):
     return counts
 
 
-def test_batched_cfg_gives_the_reference_images(tiny_models, batched_calls):
+def test_batched_cfg_gives_the_reference_images(make_worker, batched_calls):
     two = {**JOB, "num_images": 2, "negative_prompt": "blurry, low quality, watermark"}  # prompts of unequal length
-    plain = run(tiny_models, jobs=(two,))[0]
-    batched = run(tiny_models, jobs=(two,), BATCHED_CFG="true")[0]
+    plain = run(make_worker, jobs=(two,))[0]
+    batched = run(make_worker, jobs=(two,), BATCHED_CFG="true")[0]
     assert batched_calls == [4]  # one batched forward per step (DEFAULT_STEPS=4), instead of two
     for index in range(2):
         ours = np.asarray(open_image(decode_data_uri(batched["images"][index]["url"])[1]), np.int16)
@@ -98,21 +96,30 @@ def test_batched_cfg_gives_the_reference_images(tiny_models, batched_calls):
         assert np.abs(ours - theirs).max() <= 2  # padded, masked attention rounds differently in the last bits
 
 
-def test_batched_cfg_is_skipped_without_true_cfg(tiny_models, batched_calls):
-    result = run(tiny_models, jobs=({**JOB, "true_cfg_scale": 1},), BATCHED_CFG="true")[0]
+def test_batched_cfg_is_skipped_without_true_cfg(make_worker, batched_calls):
+    result = run(make_worker, jobs=({**JOB, "true_cfg_scale": 1},), BATCHED_CFG="true")[0]
     assert "image_url" in result and batched_calls == []
 
 
 @pytest.mark.slow
-def test_batched_cfg_on_an_edit_fills_the_pipelines_sliced_view(tiny_models, batched_calls):
-    from images import photo_like, to_bytes
+def test_batched_cfg_on_an_edit_fills_the_pipelines_sliced_view(make_worker, tiny_models, batched_calls):
     import base64
 
-    edit = {"prompt": "make it blue", "image": "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(64, 64))).decode(),
-            "seed": 3, "num_inference_steps": 2, "output_format": "png"}
+    edit = {
+        "prompt": "make it blue",
+        "image": "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(64, 64))).decode(),
+        "seed": 3,
+        "num_inference_steps": 2,
+        "output_format": "png",
+    }
 
     def edit_with(**env):
-        worker = build_worker(Settings.from_env({"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]), "SAFETY_CHECKER": "off", **env}))
+        worker = make_worker(
+            QWEN_IMAGE_MODEL="none",
+            QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]),
+            SAFETY_CHECKER="off",
+            **env,
+        )
         return pixels(worker.handle({"id": "e", "input": edit}))
 
     assert np.abs(edit_with(BATCHED_CFG="true") - edit_with()).max() <= 2

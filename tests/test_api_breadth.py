@@ -7,16 +7,14 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-
-from fixtures_http import file_server
-from images import photo_like, to_bytes
-from lora_files import random_pairs, write_diffusers
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
+from support.file_server import file_server
+from support.images import photo_like, to_bytes
+from support.lora_files import random_pairs, write_diffusers
+from support.responses import completed_output, decode_data_uri, open_image
 
 
 class ProgressReceiver:
@@ -76,22 +74,16 @@ def files(lora_dir):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, lora_dir, progress_receiver, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit-plus"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-            "LIGHTNING_LORA": str(lora_dir / "lightning-8step.safetensors"),
-            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora-cache")),
-            # Where the SDK's progress_update posts; a receiver on 127.0.0.1 (production mode stays off).
-            "RUNPOD_WEBHOOK_POST_OUTPUT": progress_receiver.url_template,
-        },
-        tmp_path_factory.mktemp("breadth") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(start_worker, tiny_models, lora_dir, progress_receiver, tmp_path_factory):
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]),
+        RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true",
+        LIGHTNING_LORA=str(lora_dir / "lightning-8step.safetensors"),
+        LORA_CACHE_DIR=str(tmp_path_factory.mktemp("lora-cache")),
+        # Where the SDK's progress_update posts; a receiver on 127.0.0.1 (production mode stays off).
+        RUNPOD_WEBHOOK_POST_OUTPUT=progress_receiver.url_template,
+    ) as server:
+        yield server
 
 
 def image_of(output: dict, index: int = 0) -> tuple[str, bytes]:
@@ -130,7 +122,10 @@ def test_large_size_forms_resolve_in_a_dry_run(worker, fields, size):
 
 def test_cfg_aliases_give_identical_images(worker):
     base = {"prompt": "a lamp", "size": "256*256", "seed": 11}
-    outputs = [completed_output(worker.runsync({**base, name: 2.5})) for name in ("true_cfg_scale", "guidance", "guidance_scale")]
+    outputs = [
+        completed_output(worker.runsync({**base, name: 2.5}))
+        for name in ("true_cfg_scale", "guidance", "guidance_scale")
+    ]
     assert len({image_of(output) for output in outputs}) == 1
     assert all(output["true_cfg_scale"] == 2.5 for output in outputs)
     other = completed_output(worker.runsync({**base, "guidance": 6}))
@@ -145,7 +140,9 @@ def test_num_images_are_distinct_reproducible_and_each_paid_for(worker):
     assert output["cost"] == pytest.approx(3 * 256 * 256 / 1e6 * 0.02, abs=1e-8)
     # Image i of a batch is what seed + i gives alone.
     alone = completed_output(worker.runsync({"prompt": "a shell", "size": "256*256", "seed": 41}))
-    difference = np.abs(np.asarray(open_image(image_of(alone)[1]), np.int16) - np.asarray(open_image(images[1][1]), np.int16))
+    difference = np.abs(
+        np.asarray(open_image(image_of(alone)[1]), np.int16) - np.asarray(open_image(images[1][1]), np.int16)
+    )
     assert difference.max() <= 2  # batched matmuls may round differently in the last bit
 
 
@@ -160,7 +157,9 @@ def test_output_formats_and_quality(worker):
 
 
 def test_enhance_prompt_is_reported_and_sync_mode_inlines(worker):
-    output = completed_output(worker.runsync({"prompt": "a cat", "size": "256*256", "prompt_extend": True, "sync_mode": True}))
+    output = completed_output(
+        worker.runsync({"prompt": "a cat", "size": "256*256", "prompt_extend": True, "sync_mode": True})
+    )
     assert output["prompt"] == "a cat, Ultra HD, 4K, cinematic composition."
     assert output["image_url"].startswith("data:image/png;base64,")
 
@@ -180,17 +179,25 @@ def test_lora_changes_the_image_and_leaves_nothing_behind(worker, files):
 
 
 def test_bad_lora_fails_clearly_and_next_job_is_clean(worker, files):
-    body = worker.runsync({"prompt": "a garden", "size": "256*256", "loras": [{"path": files.url("/missing.safetensors")}]})
+    body = worker.runsync(
+        {"prompt": "a garden", "size": "256*256", "loras": [{"path": files.url("/missing.safetensors")}]}
+    )
     assert body["status"] == "FAILED" and "Invalid LoRA (loras[0])" in body["error"] and "404" in body["error"]
     completed_output(worker.runsync({"prompt": "a garden", "size": "256*256"}))
 
 
 def test_fast_mode_runs_the_lightning_schedule_and_reports_it(worker, progress_receiver):
-    body = worker.runsync({"prompt": "a bridge", "size": "256*256", "seed": 3, "go_fast": True, "num_inference_steps": 30})
+    body = worker.runsync(
+        {"prompt": "a bridge", "size": "256*256", "seed": 3, "go_fast": True, "num_inference_steps": 30}
+    )
     output = completed_output(body)
     assert (output["num_inference_steps"], output["true_cfg_scale"], output["acceleration"]) == (8, 1.0, "regular")
     assert any("num_inference_steps 30 ignored" in note for note in output["notes"])
-    plain = completed_output(worker.runsync({"prompt": "a bridge", "size": "256*256", "seed": 3, "num_inference_steps": 8, "true_cfg_scale": 1}))
+    plain = completed_output(
+        worker.runsync(
+            {"prompt": "a bridge", "size": "256*256", "seed": 3, "num_inference_steps": 8, "true_cfg_scale": 1}
+        )
+    )
     assert image_of(plain) != image_of(output)  # the Lightning LoRA and scheduler really applied
     # Progress: every ~10% of the 8 steps but never the last, each an IN_PROGRESS post for this job.
     deadline = time.monotonic() + 15  # the SDK posts from fire-and-forget threads: wait for them, boundedly
@@ -211,7 +218,12 @@ def test_fast_mode_without_its_file_fails_clearly(worker):
 def test_multi_image_edit_follows_the_last_image(worker, files):
     output = completed_output(
         worker.runsync(
-            {"prompt": "put them together", "images": [files.url("/wide.png"), files.url("/tall.png")], "seed": 2, "num_inference_steps": 1}
+            {
+                "prompt": "put them together",
+                "images": [files.url("/wide.png"), files.url("/tall.png")],
+                "seed": 2,
+                "num_inference_steps": 1,
+            }
         )
     )
     mime, data = image_of(output)
@@ -222,7 +234,15 @@ def test_multi_image_edit_follows_the_last_image(worker, files):
 @pytest.mark.slow
 def test_match_input_size_returns_the_input_dimensions(worker, files):
     output = completed_output(
-        worker.runsync({"prompt": "make it blue", "image": files.url("/wide.png"), "match_input_size": True, "num_inference_steps": 1, "output_format": "png"})
+        worker.runsync(
+            {
+                "prompt": "make it blue",
+                "image": files.url("/wide.png"),
+                "match_input_size": True,
+                "num_inference_steps": 1,
+                "output_format": "png",
+            }
+        )
     )
     assert open_image(image_of(output)[1]).size == (120, 80)
     assert output["cost"] == pytest.approx(120 * 80 / 1e6 * 0.02, abs=1e-8)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 
 import pytest
+from support.file_server import closed_port, file_server
+from support.images import photo_like, to_bytes
+from support.responses import completed_output, decode_data_uri, open_image
 
-from fixtures_http import closed_port, file_server
-from images import photo_like, to_bytes
 from qwen_worker.schema import SEED_LIMIT
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
 
 EDIT_PROMPT = "change the trench coat and high heels color to light grey"
 
@@ -22,18 +22,11 @@ def images_server():
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-        },
-        tmp_path_factory.mktemp("worker") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(start_worker, tiny_models):
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true"
+    ) as server:
+        yield server
 
 
 def test_runpod_t2i_example_completes(worker):
@@ -124,7 +117,13 @@ def test_base64_as_clients_send_it_is_accepted_and_garbage_refused(worker):
     encoded = base64.b64encode(to_bytes(photo_like(120, 80), "JPEG")).decode()
     wrapped = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # `base64` output, CRLF
     url_safe = encoded.replace("+", "-").replace("/", "_").rstrip("=")
-    for image in (encoded, wrapped, url_safe, "data:image/jpeg;base64," + wrapped, "data:image/jpeg;base64," + url_safe):
+    for image in (
+        encoded,
+        wrapped,
+        url_safe,
+        "data:image/jpeg;base64," + wrapped,
+        "data:image/jpeg;base64," + url_safe,
+    ):
         quote = completed_output(worker.runsync({"prompt": EDIT_PROMPT, "image": image, "dry_run": True}))
         assert (quote["width"], quote["height"]) == (1248, 832)  # the input's 3:2, so it really was decoded
     for garbage in ("cat.png", "aGVsbG8gd29ybGQ="):

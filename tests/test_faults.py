@@ -3,13 +3,14 @@ job succeeds."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from support.lora_files import random_pairs, write_diffusers
+from support.responses import decode_data_uri, open_image
 
-from lora_files import random_pairs, write_diffusers
-from qwen_worker.app import build_worker
-from qwen_worker.config import Settings
 from qwen_worker.schema import Task
+from qwen_worker.worker import Worker
 
 
 @pytest.fixture(scope="module")
@@ -17,22 +18,14 @@ def lightning_file(tiny_models, tmp_path_factory):
     from diffusers import QwenImageTransformer2DModel
 
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_models["qwen-image"] / "transformer")
-    return write_diffusers(tmp_path_factory.mktemp("lightning") / "8step.safetensors", random_pairs(transformer, seed=9))
+    return write_diffusers(
+        tmp_path_factory.mktemp("lightning") / "8step.safetensors", random_pairs(transformer, seed=9)
+    )
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, lightning_file):
-    return build_worker(
-        Settings.from_env(
-            {
-                "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-                "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-                "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-                "LIGHTNING_LORA": str(lightning_file),
-                "DEFAULT_STEPS": "2",
-            }
-        )
-    )
+def worker(make_worker, tiny_models, lightning_file):
+    return make_worker(QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), LIGHTNING_LORA=str(lightning_file))
 
 
 def t2i(**extra):
@@ -65,23 +58,30 @@ def test_out_of_memory_fails_with_advice_and_the_next_job_succeeds(worker, monke
 
 def test_unrecoverable_accelerator_error_asks_runpod_for_a_fresh_worker(worker, monkeypatch):
     transformer = worker.runner.pipeline_for(Task.TEXT_TO_IMAGE).pipeline.transformer
-    inject_once(monkeypatch, transformer, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    inject_once(
+        monkeypatch, transformer, torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    )
     result = worker.handle({"id": "xid", "input": t2i()})
     assert result["refresh_worker"] is True and "will be replaced" in result["error"]
 
 
-def test_unexpected_error_is_generic_and_carries_no_traceback(worker, monkeypatch):
+def test_unexpected_error_is_generic_and_carries_no_traceback(worker):
     def broken(*args, **kwargs):
         raise KeyError("internal detail")
 
-    monkeypatch.setattr(worker, "encode", broken)
-    result = worker.handle({"id": "bug", "input": t2i()})
+    # The same loaded pipelines, LoRAs, store and checker, behind Worker's encode= seam. (Worker keeps no state of
+    # its own between jobs: whatever one job could leave behind lives in what the two share.)
+    encoder_broken = Worker(
+        worker.settings, worker.runner, worker.store, loras=worker.loras, safety=worker.safety, encode=broken
+    )
+    result = encoder_broken.handle({"id": "bug", "input": t2i()})
     assert result == {"error": "Internal error while processing job bug; the worker's log has the details."}
-    monkeypatch.undo()
     assert "image_url" in worker.handle({"id": "after-bug", "input": t2i()})
 
 
-@pytest.mark.parametrize("job", [None, "text", {"id": 5}, {"id": 10**5000, "input": {}}, {"input": None}, {"input": []}])
+@pytest.mark.parametrize(
+    "job", [None, "text", {"id": 5}, {"id": 10**5000, "input": {}}, {"input": None}, {"input": []}]
+)
 def test_malformed_jobs_fail_as_strings(worker, job):
     result = worker.handle(job)
     assert set(result) == {"error"} and isinstance(result["error"], str)
@@ -102,17 +102,15 @@ def test_fast_mode_leaves_no_lora_or_scheduler_behind(worker):
     assert worker.handle({"id": "again", "input": t2i()})["image_url"] == reference
 
 
-def test_task_not_served_and_multi_image_needs_edit_plus(tiny_models):
-    edit_only = build_worker(
-        Settings.from_env(
-            {"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]), "SAFETY_CHECKER": "off"}
-        )
+def test_task_not_served_and_multi_image_needs_edit_plus(make_worker, tiny_models):
+    edit_only = make_worker(
+        QWEN_IMAGE_MODEL="none", QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), SAFETY_CHECKER="off"
     )
     assert "does not serve text-to-image" in edit_only.handle({"id": "1", "input": t2i()})["error"]
     many = {"prompt": "merge", "images": ["data:image/png;base64,AAAA", "data:image/png;base64,AAAA"]}
     assert "needs an Edit-Plus model" in edit_only.handle({"id": "2", "input": many})["error"]
 
-    t2i_only = build_worker(Settings.from_env({"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER": "off"}))
+    t2i_only = make_worker(SAFETY_CHECKER="off")
     message = t2i_only.handle({"id": "3", "input": {"prompt": "blue", "image": "data:image/png;base64,AAAA"}})["error"]
     assert "does not serve image editing" in message
 
@@ -123,10 +121,6 @@ def test_overlong_prompt_is_noted(worker):
 
 
 def test_a_single_step_gives_a_real_image_and_leaves_the_scheduler_alone(worker):
-    import numpy as np
-
-    from worker_api import decode_data_uri, open_image
-
     pipeline = worker.runner.pipeline_for(Task.TEXT_TO_IMAGE).pipeline
     scheduler = pipeline.scheduler
     result = worker.handle({"id": "one", "input": t2i(num_inference_steps=1)})

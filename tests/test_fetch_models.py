@@ -224,7 +224,11 @@ class FakeHub:
             if data is None:
                 return self._send(req, head, 404)
             return self._send(req, head, 200, data)
-        for pattern, handler in ((self.API_TREE, self._tree), (self.API_INFO, self._info), (self.RESOLVE, self._resolve)):
+        for pattern, handler in (
+            (self.API_TREE, self._tree),
+            (self.API_INFO, self._info),
+            (self.RESOLVE, self._resolve),
+        ):
             match = pattern.match(path)
             if match:
                 repo = self.repos.get(match["repo"])
@@ -438,7 +442,10 @@ def downloaded(run_fetch, tmp_path_factory):
 
 def test_network_guard_is_active(guard_dir, tmp_path):
     """The guard the fetch subprocesses run under really refuses non-loopback traffic."""
-    code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 443), timeout=1)\nexcept OSError as e:\n    print('refused', e)"
+    code = (
+        "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 443), timeout=1)\n"
+        "except OSError as e:\n    print('refused', e)"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=hub_env(tmp_path, "http://127.0.0.1:9", guard_dir, None),
@@ -460,7 +467,9 @@ def test_download_lands_in_cache_layout_and_verifies(downloaded):
 
     fetched = {seen.path.split(f"/resolve/{SHA_MAIN}/", 1)[-1] for seen in run.requests if "/resolve/" in seen.path}
     assert fetched == WANTED and not fetched & UNWANTED
-    assert sum(seen.path.startswith("/cdn/") and seen.method == "GET" for seen in run.requests) == 4  # the 4 weight files
+    assert (
+        sum(seen.path.startswith("/cdn/") and seen.method == "GET" for seen in run.requests) == 4
+    )  # the 4 weight files
 
     # Report: snapshot path, revision, per-component sizes, total; progress bars even without a terminal.
     assert str(snapshot) in run.stdout and SHA_MAIN in run.stdout
@@ -597,11 +606,8 @@ def test_worker_resolves_the_download_offline(downloaded, tmp_path):
 
 @pytest.fixture(scope="module")
 def fetch_models():
-    sys.path.insert(0, str(ROOT / "builder"))
-    try:
-        import fetch_models as module
-    finally:
-        sys.path.remove(str(ROOT / "builder"))
+    import fetch_models as module  # builder/fetch_models.py
+
     return module
 
 

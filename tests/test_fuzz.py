@@ -64,13 +64,13 @@ from runpod.serverless.utils import rp_ssrf
 
 from qwen_worker.config import Settings
 from qwen_worker.errors import InputImageError, LoraError
-from qwen_worker.models import ResolvedModel
 from qwen_worker.loading import LightningFiles, LoadedPipeline
 from qwen_worker.media import encode_image
+from qwen_worker.models import ResolvedModel
 from qwen_worker.runner import Generation, GenerationJob, PipelineRunner
 from qwen_worker.schema import LoraRequest, OutputFormat, Request, Task
 from qwen_worker.storage import InlineStore
-from qwen_worker.worker import Worker
+from qwen_worker.worker import ImageFetcher, Worker
 
 # ------------------------------------------------------------------------------------------------ documented ranges
 
@@ -198,7 +198,8 @@ class StubRunner:
         )
 
 
-def make_worker(config: str) -> Worker:
+def stub_worker(config: str, fetch_image: ImageFetcher | None = None) -> Worker:
+    """A worker on stubs, in one of three configurations; ``fetch_image`` replaces the stub image fetcher."""
     settings = Settings()
     if config == "full":  # text-to-image and Edit-Plus, both fast modes, LoRAs on
         runner = StubRunner([
@@ -217,7 +218,7 @@ def make_worker(config: str) -> Worker:
         runner,  # type: ignore[arg-type]  # a stand-in with the runner's two methods
         InlineStore(settings.max_inline_bytes),
         loras=loras,  # type: ignore[arg-type]
-        fetch_image=stub_load_image,
+        fetch_image=fetch_image or stub_load_image,
         encode=memo_encode,
     )
 
@@ -258,7 +259,7 @@ def sealed_environment() -> Iterator[None]:
             patch.setattr(socket, name, no_network(f"socket.{name}"))
         for name in ("connect", "connect_ex"):
             patch.setattr(socket.socket, name, no_network(f"socket.socket.{name}"))
-        WORKERS.update({name: make_worker(name) for name in ("full", "t2i-only", "edit-single")})
+        WORKERS.update({name: stub_worker(name) for name in ("full", "t2i-only", "edit-single")})
         yield
     logger.setLevel(level)
     WORKERS.clear()
@@ -993,22 +994,21 @@ def test_hostile_values_found_by_the_fuzzer_name_their_field(raw, field):
 
 
 @pytest.mark.parametrize("shape, rendered", [((3000, 600), (2048, 416)), ((100, 500), (416, 2048))])
-def test_match_input_size_with_a_banner_input_renders_in_range(shape, rendered, monkeypatch):
+def test_match_input_size_with_a_banner_input_renders_in_range(shape, rendered):
     """Once a bug: inputs outside 256..2048 and beyond ~1:4 went to the pipeline at e.g. 2304x448. Now a banner
     renders at the largest in-range size at its aspect and is delivered at the input's exact dimensions."""
-    monkeypatch.setattr(WORKERS["full"], "fetch_image", lambda reference, limits, field="image": _uniform_image(*shape))
+    worker = stub_worker("full", fetch_image=lambda reference, limits, field="image": _uniform_image(*shape))
     RECORD.clear()
-    job = job_of({"prompt": "x", "image": "https://example.invalid/a.png", "match_input_size": True})
-    result = WORKERS["full"].handle(job)
+    result = worker.handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png", "match_input_size": True}))
     assert [(job.width, job.height) for job in RECORD.jobs] == [rendered]  # check_job held it in range
     assert (result["width"], result["height"]) == shape, result
 
 
 @pytest.mark.parametrize("shape", [(3000, 300), (100, 1000)])
-def test_an_input_past_8_to_1_is_refused_naming_the_supported_ratios(shape, monkeypatch):
-    monkeypatch.setattr(WORKERS["full"], "fetch_image", lambda reference, limits, field="image": _uniform_image(*shape))
+def test_an_input_past_8_to_1_is_refused_naming_the_supported_ratios(shape):
+    worker = stub_worker("full", fetch_image=lambda reference, limits, field="image": _uniform_image(*shape))
     RECORD.clear()
-    result = WORKERS["full"].handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png"}))
+    result = worker.handle(job_of({"prompt": "x", "image": "https://example.invalid/a.png"}))
     assert RECORD.jobs == []  # nothing reached the pipeline
     assert result["error"].startswith("Invalid parameter: image has an aspect ratio of 10.0:1"), result
     assert "from 1:8 to 8:1" in result["error"]

@@ -4,8 +4,8 @@ The corpus (Tests/images from the pinned Pillow's sdist: fuzzer crashers, trunca
 Pillow knows) is fetched by scripts/fetch_image_corpus.py, which `make test` runs first. Without it these tests skip
 loudly, and fail under CI=true.
 
-Files are decoded in two child processes (tests/image_corpus_probe.py), so that a file hanging in a C decoder can be
-killed and named, and so that memory is measured in a process that decoded nothing else.
+Files are decoded in two child processes (tests/support/image_corpus_probe.py), so that a file hanging in a C decoder
+can be killed and named, and so that memory is measured in a process that decoded nothing else.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import fetch_image_corpus  # scripts/, on pytest's pythonpath
 import pytest
-
-from images import photo_like, to_bytes
-from worker_api import WorkerServer, completed_output
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import fetch_image_corpus  # noqa: E402
+from support.images import photo_like, to_bytes
+from support.responses import completed_output
 
 PROCESSES = 2
 PER_FILE_SECONDS = 5.0  # "none takes longer than a few seconds"; the slowest takes well under one here
@@ -63,9 +59,9 @@ class Probe:
     def __init__(self, files: list[Path]) -> None:
         self.records: list[dict] = []
         self.current: tuple[str, float] | None = None
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the child's stderr, closed with the probe
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "image_corpus_probe.py"), *map(str, files)],
+            [sys.executable, str(Path(__file__).parent / "support" / "image_corpus_probe.py"), *map(str, files)],
             stdout=subprocess.PIPE,
             stderr=self.stderr,  # Pillow's warnings about the corrupt files
             text=True,
@@ -190,20 +186,13 @@ def nastiest(results: list[dict], count: int = 30) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_the_nastiest_files_fail_their_job_and_the_worker_keeps_serving(results, tiny_models, tmp_path):
+def test_the_nastiest_files_fail_their_job_and_the_worker_keeps_serving(results, tiny_models, start_worker):
     sample = nastiest(results)
     assert len(sample) >= 25
     good = "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(64, 48))).decode()
-    worker = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit-plus"]),
-            "SAFETY_CHECKER": "off",
-            "DEFAULT_STEPS": "1",
-        },
-        tmp_path / "worker.log",
-    ).start()
-    try:
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]), SAFETY_CHECKER="off", DEFAULT_STEPS="1"
+    ) as worker:
         for index, path in enumerate(sample):
             nasty = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
             # Alternate the single-image field and a position among several.
@@ -218,5 +207,3 @@ def test_the_nastiest_files_fail_their_job_and_the_worker_keeps_serving(results,
         output = completed_output(worker.runsync({"prompt": "a cat", "size": "256*256", "seed": 1}))
         assert output["width"] == 256
         assert "Internal error" not in worker.log_text() and "Traceback" not in worker.log_text()
-    finally:
-        worker.stop()

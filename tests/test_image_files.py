@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
-
-from fixtures_http import file_server
-from images import photo_like, to_bytes
-from worker_api import WorkerServer, completed_output
+from support.file_server import file_server
+from support.images import photo_like, to_bytes
+from support.responses import completed_output
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -105,10 +103,7 @@ def test_runtime_environment_and_weights_location():
 
 
 def test_fetch_step_uses_options_the_builder_accepts():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "builder"))
-    import fetch_models
+    import fetch_models  # builder/fetch_models.py
 
     fetch = next(args for word, args in instructions() if word == "RUN" and "fetch_models.py" in args)
     used = set(re.findall(r"(--[a-z0-9-]+)", fetch.split("fetch_models.py", 1)[1]))
@@ -149,29 +144,21 @@ def test_tests_json_shape():
 
 
 @pytest.mark.slow
-def test_every_hub_test_completes_on_the_tiny_pipelines(tiny_models, tmp_path):
+def test_every_hub_test_completes_on_the_tiny_pipelines(start_worker, tiny_models):
     tests = load_json("tests.json")["tests"]
     with file_server() as images:
         fixture = images.add("/hub-fixture.png", to_bytes(photo_like(128, 96)))
-        worker = WorkerServer(
-            {
-                "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-                "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-                "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-                "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-                "DEFAULT_STEPS": "1",
-            },
-            tmp_path / "worker.log",
-        ).start()
-        try:
+        with start_worker(
+            QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]),
+            RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true",
+            DEFAULT_STEPS="1",
+        ) as worker:
             for test in tests:
                 payload = dict(test["input"])
                 if "image" in payload:
                     payload["image"] = fixture  # never fetch the real URL
                 output = completed_output(worker.runsync(payload, timeout=test.get("timeout", 600_000) / 1000))
                 assert output["image_url"] and output["cost"] > 0, test["name"]
-        finally:
-            worker.stop()
 
 
 # ------------------------------------------------------------------------------- the Dockerfile's steps, evaluated

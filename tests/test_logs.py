@@ -15,10 +15,8 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
-from conftest import s3_client
-from images import photo_like, to_bytes
-from worker_api import WorkerServer
+from support.images import photo_like, to_bytes
+from support.s3 import s3_client
 
 pytestmark = pytest.mark.s3
 
@@ -49,8 +47,8 @@ def signature(url: str) -> str:
 
 
 def lora_bytes(tiny_models, folder) -> bytes:
-    import lora_files
     from diffusers import QwenImageTransformer2DModel
+    from support import lora_files  # here, not at the top: it imports torch
 
     transformer = QwenImageTransformer2DModel.from_pretrained(
         tiny_models["qwen-image"] / "transformer", local_files_only=True
@@ -60,7 +58,7 @@ def lora_bytes(tiny_models, folder) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def run(s3_server, tiny_models, tmp_path_factory):
+def run(start_worker, s3_server, tiny_models, tmp_path_factory):
     """Runs every job once; returns (log text of both workers, {name: response}, presigned URLs seen)."""
     client = s3_client(s3_server)
     client.create_bucket(Bucket=BUCKET)
@@ -78,9 +76,7 @@ def run(s3_server, tiny_models, tmp_path_factory):
     data_uri = "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(128, 96, seed=2))).decode()
     assert len(data_uri) > 2000
 
-    common = {
-        "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-        "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
+    common = {  # on top of the tiny worker's text-to-image model and checker
         "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
         "LORA_CACHE_DIR": str(folder / "loras"),
     }
@@ -99,18 +95,12 @@ def run(s3_server, tiny_models, tmp_path_factory):
     responses = {}
     edit_model = {"QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"])}
     right = bucket_env(s3_server, s3_server.secret_key)
-    worker = WorkerServer({**common, **edit_model, **right}, folder / "worker.log").start()
-    try:
+    with start_worker(**common, **edit_model, **right) as worker:
         for name, payload in jobs.items():
             responses[name] = worker.runsync(payload)
-    finally:
-        worker.stop()
 
-    wrong = WorkerServer({**common, **bucket_env(s3_server, WRONG_SECRET)}, folder / "wrong-secret.log").start()
-    try:
+    with start_worker(**common, **bucket_env(s3_server, WRONG_SECRET)) as wrong:
         responses["upload_denied"] = wrong.runsync({"prompt": PROMPT, "size": "256*256", "seed": 5})
-    finally:
-        wrong.stop()
 
     urls = [photo_url, lora_url, missing_lora_url, tampered]
     for body in responses.values():

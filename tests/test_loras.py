@@ -6,17 +6,17 @@ Images are 256x256, 2 steps, without true CFG (a LoRA acts the same with it, at 
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from support import lora_files
+from support.file_server import Route, closed_port, file_server
 
-import lora_files
-from fixtures_http import Route, closed_port, file_server
 from qwen_worker.errors import LoraError
 from qwen_worker.loras import LoraRequest, LoraStore, applied_loras
 
@@ -222,18 +222,19 @@ def test_an_empty_list_touches_nothing(pipe, pristine, baseline, monkeypatch):
 
 
 def test_lora_removed_when_the_job_fails(pipe, baseline, pristine, loras):
-    with pytest.raises(RuntimeError, match="generation blew up"):
-        with applied_loras(pipe, [(loras["diffusers"], 1.0), (loras["second_file"], 0.5)]):
-            raise RuntimeError("generation blew up")
+    with (
+        pytest.raises(RuntimeError, match="generation blew up"),
+        applied_loras(pipe, [(loras["diffusers"], 1.0), (loras["second_file"], 0.5)]),
+    ):
+        raise RuntimeError("generation blew up")
     assert_pristine(pipe, pristine, baseline)
 
 
 def test_lora_for_another_model_is_refused_and_the_pipeline_is_unharmed(pipe, baseline, pristine, loras):
     wrong = lora_files.write_diffusers(loras["folder"] / "wide.safetensors", lora_files.shaped_pairs(64, seed=4))
     # The good first LoRA is already loaded when the second fails: both must be gone afterwards.
-    with pytest.raises(LoraError) as caught:
-        with applied_loras(pipe, [(loras["diffusers"], 1.0), (wrong, 1.0)]):
-            pytest.fail("the block must not run")
+    with pytest.raises(LoraError) as caught, applied_loras(pipe, [(loras["diffusers"], 1.0), (wrong, 1.0)]):
+        pytest.fail("the block must not run")
     assert caught.value.field == "loras[1]"
     assert "do not fit this model" in str(caught.value)
     assert_pristine(pipe, pristine, baseline)
@@ -257,9 +258,8 @@ def test_lora_with_nothing_for_this_transformer_is_refused(pipe, baseline, prist
         tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, 4)
     path = loras["folder"] / "other-model.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(LoraError, match=reason) as caught:
-        with applied_loras(pipe, [(path, 1.0)]):
-            pytest.fail("the block must not run")
+    with pytest.raises(LoraError, match=reason) as caught, applied_loras(pipe, [(path, 1.0)]):
+        pytest.fail("the block must not run")
     assert caught.value.field == "loras[0]"
     assert_pristine(pipe, pristine)
 

@@ -9,9 +9,9 @@ import struct
 
 import pytest
 from PIL import Image, ImageFile, ImageOps
+from support.file_server import closed_port, file_server
+from support.images import photo_like, to_bytes
 
-from fixtures_http import closed_port, file_server
-from images import photo_like, to_bytes
 from qwen_worker.errors import InputImageError
 from qwen_worker.media import ImageLimits, encode_image, load_image
 from qwen_worker.schema import OutputFormat

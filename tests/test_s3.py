@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from support.responses import completed_output, open_image
+from support.s3 import s3_client
 
-from conftest import s3_client
 from qwen_worker.config import Settings
 from qwen_worker.storage import S3Store
-from worker_api import WorkerServer, completed_output, open_image
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def bucket_env(info, bucket: str, **extra: str) -> dict[str, str]:
+def worker_env(info, bucket: str, **extra: str) -> dict[str, str]:
+    """A worker storing results in ``bucket`` on the local S3 server (``extra`` on top)."""
     return {
         "BUCKET_ENDPOINT_URL": info.endpoint_url,
         "BUCKET_ACCESS_KEY_ID": info.access_key,
         "BUCKET_SECRET_ACCESS_KEY": info.secret_key,
         "BUCKET_NAME": bucket,
+        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
         **extra,
     }
-
-
-def start_worker(tiny_models, tmp_path, env: dict[str, str]) -> WorkerServer:
-    return WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-            **env,
-        },
-        tmp_path / "worker.log",
-    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +33,16 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def s3_worker(s3_server, bucket, tiny_models, tmp_path_factory):
-    server = start_worker(tiny_models, tmp_path_factory.mktemp("s3-worker"), bucket_env(s3_server, bucket, BUCKET_PREFIX="qwen"))
-    yield server
-    server.stop()
+def s3_worker(start_worker, s3_server, bucket):
+    with start_worker(**worker_env(s3_server, bucket, BUCKET_PREFIX="qwen")) as server:
+        yield server
 
 
 @pytest.mark.parametrize("fmt, mime", [("png", "image/png"), ("jpeg", "image/jpeg")])
 def test_url_serves_exactly_the_stored_bytes(s3_worker, s3_server, bucket, fmt, mime):
-    output = completed_output(s3_worker.runsync({"prompt": "a lighthouse", "size": "256*256", "seed": 9, "output_format": fmt}))
+    output = completed_output(
+        s3_worker.runsync({"prompt": "a lighthouse", "size": "256*256", "seed": 9, "output_format": fmt})
+    )
     url = output["image_url"]
     assert url.startswith(s3_server.endpoint_url + f"/{bucket}/qwen/test-")
     key = urlsplit(url).path.split(f"/{bucket}/", 1)[1]
@@ -81,8 +68,7 @@ def test_url_lives_seven_days_and_a_tampered_signature_is_refused(s3_worker):
 
 
 def test_storage_outage_fails_clearly_then_recovers(s3_worker, s3_server):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import s3_server as server
+    import s3_server as server  # scripts/s3_server.py
 
     port = urlsplit(s3_server.endpoint_url).port
     server.stop(s3_server.workdir)
@@ -96,10 +82,8 @@ def test_storage_outage_fails_clearly_then_recovers(s3_worker, s3_server):
     assert s3_server.secret_key not in s3_worker.log_text()
 
 
-def test_missing_bucket_fails_then_short_ttl_url_expires(s3_server, tiny_models, tmp_path):
-    env = bucket_env(s3_server, "created-later", IMAGE_URL_TTL_SECONDS="1")
-    worker = start_worker(tiny_models, tmp_path, env)
-    try:
+def test_missing_bucket_fails_then_short_ttl_url_expires(start_worker, s3_server):
+    with start_worker(**worker_env(s3_server, "created-later", IMAGE_URL_TTL_SECONDS="1")) as worker:
         assert "storage check at start-up failed" in worker.log_text()  # warned, did not crash
         body = worker.runsync({"prompt": "a fox", "size": "256*256"})
         assert body["status"] == "FAILED" and "the bucket does not exist" in body["error"]
@@ -109,34 +93,25 @@ def test_missing_bucket_fails_then_short_ttl_url_expires(s3_server, tiny_models,
         assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["1"]
         time.sleep(2.5)
         assert requests.get(url, timeout=10).status_code == 403
-    finally:
-        worker.stop()
 
 
-def test_wrong_secret_fails_without_leaking_it(s3_server, bucket, tiny_models, tmp_path):
+def test_wrong_secret_fails_without_leaking_it(start_worker, s3_server, bucket):
     wrong = "not-the-secret-ABC123"
-    worker = start_worker(tiny_models, tmp_path, bucket_env(s3_server, bucket, BUCKET_SECRET_ACCESS_KEY=wrong))
-    try:
+    with start_worker(**worker_env(s3_server, bucket, BUCKET_SECRET_ACCESS_KEY=wrong)) as worker:
         body = worker.runsync({"prompt": "a fox", "size": "256*256"})
         assert body["status"] == "FAILED" and "access denied" in body["error"]
         assert wrong not in body["error"]
         # The worker keeps serving: validation still answers, and nothing killed the process.
         assert worker.runsync({"prompt": ""})["status"] == "FAILED"
         assert worker.process.poll() is None
-    finally:
-        worker.stop()
     assert wrong not in worker.log_text()
 
 
-def test_upload_fallback_returns_inline_with_a_warning(s3_server, bucket, tiny_models, tmp_path):
-    env = bucket_env(s3_server, "no-such-bucket", UPLOAD_FALLBACK="inline")
-    worker = start_worker(tiny_models, tmp_path, env)
-    try:
+def test_upload_fallback_returns_inline_with_a_warning(start_worker, s3_server, bucket):
+    with start_worker(**worker_env(s3_server, "no-such-bucket", UPLOAD_FALLBACK="inline")) as worker:
         output = completed_output(worker.runsync({"prompt": "a fox", "size": "256*256"}))
         assert output["image_url"].startswith("data:image/png;base64,")
         assert "bucket does not exist" in output["warning"] and "UPLOAD_FALLBACK=inline" in output["warning"]
-    finally:
-        worker.stop()
 
 
 def test_client_never_sends_aws_chunked_checksum_trailers():

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from images import photo_like
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from safety_fixtures import write_flag_everything_checker, write_sensitive_checker
+from support.images import photo_like
+from support.safety_checkers import write_flag_everything_checker, write_sensitive_checker
 
 from qwen_worker.errors import ConfigError
 from qwen_worker.safety import SafetyChecker

@@ -7,17 +7,14 @@ import base64
 import pytest
 import torch
 from PIL import Image
-
-from conftest import s3_client
-from images import photo_like, to_bytes
-from safety_fixtures import write_sensitive_checker, write_separating_checker
-from qwen_worker.app import build_worker
-from qwen_worker.config import Settings
-from worker_api import WorkerServer, completed_output
+from support.images import photo_like, to_bytes
+from support.responses import completed_output
+from support.s3 import s3_client
+from support.safety_checkers import write_sensitive_checker, write_separating_checker
 
 PROMPT = "a quiet harbour at dawn"
 FLAGGED_SEED, CLEAN_SEED = 100, 101
-STEPS = 2  # the worker's DEFAULT_STEPS in WorkerServer
+STEPS = 2  # the worker's DEFAULT_STEPS (support.tiny_worker)
 
 
 def generate_like_the_worker(folder, seed: int):
@@ -48,20 +45,15 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, sensitive_checker, s3_server, bucket, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "SAFETY_CHECKER_MODEL": str(sensitive_checker),
-            "BUCKET_ENDPOINT_URL": s3_server.endpoint_url,
-            "BUCKET_ACCESS_KEY_ID": s3_server.access_key,
-            "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_key,
-            "BUCKET_NAME": bucket,
-        },
-        tmp_path_factory.mktemp("safety-worker") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(start_worker, sensitive_checker, s3_server, bucket):
+    with start_worker(
+        SAFETY_CHECKER_MODEL=str(sensitive_checker),
+        BUCKET_ENDPOINT_URL=s3_server.endpoint_url,
+        BUCKET_ACCESS_KEY_ID=s3_server.access_key,
+        BUCKET_SECRET_ACCESS_KEY=s3_server.secret_key,
+        BUCKET_NAME=bucket,
+    ) as server:
+        yield server
 
 
 def objects(s3_server, bucket: str) -> list[str]:
@@ -90,7 +82,10 @@ def test_clean_image_is_delivered_with_its_flag(worker, s3_server, bucket):
 def test_request_may_disable_the_check(worker):
     output = completed_output(worker.runsync(job(FLAGGED_SEED, enable_safety_checker=False)))
     assert output["safety_checker"] == "disabled by request" and "has_nsfw_concepts" not in output
-    assert completed_output(worker.runsync(job(FLAGGED_SEED, disable_safety_checker=True)))["safety_checker"] == "disabled by request"
+    assert (
+        completed_output(worker.runsync(job(FLAGGED_SEED, disable_safety_checker=True)))["safety_checker"]
+        == "disabled by request"
+    )
 
 
 def test_mixed_batch_delivers_only_clean_images_and_charges_for_them(worker, s3_server, bucket):
@@ -104,15 +99,9 @@ def test_mixed_batch_delivers_only_clean_images_and_charges_for_them(worker, s3_
     assert keys == [f"{body['id']}/0.png"]  # only the delivered image was stored
 
 
-def test_missing_checker_fails_every_job_and_names_the_way_out(tiny_models, tmp_path):
-    server = WorkerServer(
-        {"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER_MODEL": str(tmp_path / "nothing-here")},
-        tmp_path / "worker.log",
-    ).start(timeout=120)
-    try:
-        body = server.runsync({"prompt": "a lighthouse"}, timeout=60)
-    finally:
-        server.stop()
+def test_missing_checker_fails_every_job_and_names_the_way_out(start_worker, tmp_path):
+    with start_worker(SAFETY_CHECKER_MODEL=str(tmp_path / "nothing-here"), timeout=120) as worker:
+        body = worker.runsync({"prompt": "a lighthouse"}, timeout=60)
     assert body["status"] == "FAILED", body
     assert body["error"].startswith("The worker could not start: ") and "SAFETY_CHECKER=off" in body["error"]
 
@@ -120,33 +109,28 @@ def test_missing_checker_fails_every_job_and_names_the_way_out(tiny_models, tmp_
 # Operator policies, in-process on the same real tiny pipeline and checker (no HTTP needed to prove them).
 
 
-def in_process_worker(tiny_models, checker, **env: str):
-    return build_worker(
-        Settings.from_env({"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]), "SAFETY_CHECKER_MODEL": str(checker), "DEFAULT_STEPS": "2", **env})
+def test_always_checks_even_when_the_request_opts_out(make_worker, sensitive_checker):
+    worker = make_worker(SAFETY_CHECKER_MODEL=str(sensitive_checker), SAFETY_CHECKER="always")
+    result = worker.handle({"id": "a", "input": job(FLAGGED_SEED, enable_safety_checker=False)})
+    assert result == {"error": "the generated image was flagged by the safety checker"}
+    assert (
+        worker.handle({"id": "b", "input": job(CLEAN_SEED, enable_safety_checker=False)})["safety_checker"]
+        == "enforced by operator"
     )
 
 
-def test_always_checks_even_when_the_request_opts_out(tiny_models, sensitive_checker):
-    worker = in_process_worker(tiny_models, sensitive_checker, SAFETY_CHECKER="always")
-    result = worker.handle({"id": "a", "input": job(FLAGGED_SEED, enable_safety_checker=False)})
-    assert result == {"error": "the generated image was flagged by the safety checker"}
-    assert worker.handle({"id": "b", "input": job(CLEAN_SEED, enable_safety_checker=False)})["safety_checker"] == "enforced by operator"
-
-
-def test_off_loads_no_checker_and_says_so(tiny_models, tmp_path):
-    worker = in_process_worker(tiny_models, tmp_path / "absent", SAFETY_CHECKER="off")
+def test_off_loads_no_checker_and_says_so(make_worker, tmp_path):
+    worker = make_worker(SAFETY_CHECKER_MODEL=str(tmp_path / "absent"), SAFETY_CHECKER="off")
     result = worker.handle({"id": "c", "input": job(FLAGGED_SEED)})
     assert result["safety_checker"] == "disabled by operator" and "has_nsfw_concepts" not in result
 
 
-def test_flagged_edit_input_is_refused_before_generating(tiny_models, tmp_path):
+def test_flagged_edit_input_is_refused_before_generating(make_worker, tiny_models, tmp_path):
     flagged_input, clean_input = photo_like(96, 64), Image.new("RGB", (96, 64), (20, 60, 200))
     checker = write_sensitive_checker(tiny_models["safety-checker"], tmp_path / "inputs", flagged_input, clean_input)
-    worker = build_worker(
-        Settings.from_env(
-            {"QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-             "SAFETY_CHECKER_MODEL": str(checker), "SAFETY_CHECK_INPUTS": "true", "DEFAULT_STEPS": "1"}
-        )
+    worker = make_worker(
+        QWEN_IMAGE_MODEL="none", QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]),
+        SAFETY_CHECKER_MODEL=str(checker), SAFETY_CHECK_INPUTS="true", DEFAULT_STEPS="1",
     )
     data_uri = "data:image/png;base64," + base64.b64encode(to_bytes(flagged_input)).decode()
     result = worker.handle({"id": "d", "input": {"prompt": "make it blue", "image": data_uri}})

@@ -78,7 +78,9 @@ def test_size_range_and_multiple(size, rule):
     assert message.startswith("Invalid parameter: size") and rule in message
 
 
-@pytest.mark.parametrize("size, expected", [("256*256", (256, 256)), ("2048*2048", (2048, 2048)), (" 512 * 768 ", (512, 768))])
+@pytest.mark.parametrize(
+    "size, expected", [("256*256", (256, 256)), ("2048*2048", (2048, 2048)), (" 512 * 768 ", (512, 768))]
+)
 def test_size_boundaries_accepted(size, expected):
     request = parse(prompt="p", size=size)
     assert (request.width, request.height) == expected

@@ -89,7 +89,9 @@ def test_num_images_and_consecutive_seeds_wrap_at_2_32():
     assert "between 1 and 4" in error_of(num_images=5)
 
 
-@pytest.mark.parametrize("value, expected", [("jpg", OutputFormat.JPEG), ("webp", OutputFormat.WEBP), ("PNG", OutputFormat.PNG)])
+@pytest.mark.parametrize(
+    "value, expected", [("jpg", OutputFormat.JPEG), ("webp", OutputFormat.WEBP), ("PNG", OutputFormat.PNG)]
+)
 def test_output_formats(value, expected):
     assert parse(output_format=value).output_format is expected
 

@@ -11,16 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_worker.app import build_worker
-from qwen_worker.config import Settings
 from qwen_worker.schema import Task
 
 
-def worker_for(t2i, edit=None, **env):
-    settings = {"QWEN_IMAGE_MODEL": str(t2i), "SAFETY_CHECKER": "off", "DEFAULT_STEPS": "2", **env}
-    if edit is not None:
-        settings["QWEN_IMAGE_EDIT_MODEL"] = str(edit)
-    return build_worker(Settings.from_env(settings))
+@pytest.fixture
+def worker_for(make_worker):
+    """``worker_for(t2i_folder, edit_folder=None, **env)``: an in-process worker on those two model folders."""
+
+    def build(t2i, edit=None, **env):
+        settings = {"QWEN_IMAGE_MODEL": str(t2i), "SAFETY_CHECKER": "off", **env}
+        if edit is not None:
+            settings["QWEN_IMAGE_EDIT_MODEL"] = str(edit)
+        return make_worker(**settings)
+
+    return build
 
 
 def pipelines(worker):
@@ -30,7 +34,7 @@ def pipelines(worker):
 JOB = {"id": "j", "input": {"prompt": "a tower", "size": "256*256", "seed": 8}}
 
 
-def test_identical_components_are_loaded_once_and_outputs_do_not_change(tiny_models, caplog):
+def test_identical_components_are_loaded_once_and_outputs_do_not_change(worker_for, tiny_models, caplog):
     with caplog.at_level(logging.INFO, logger="qwen_worker"):
         shared = worker_for(tiny_models["qwen-image"], tiny_models["qwen-image-edit"])
     t2i, edit = pipelines(shared)
@@ -41,7 +45,7 @@ def test_identical_components_are_loaded_once_and_outputs_do_not_change(tiny_mod
     assert shared.handle(JOB)["image_url"] == alone.handle(JOB)["image_url"]
 
 
-def test_components_that_differ_are_not_shared(tiny_models, tmp_path):
+def test_components_that_differ_are_not_shared(worker_for, tiny_models, tmp_path):
     edit = shutil.copytree(tiny_models["qwen-image-edit"], tmp_path / "edit")
     weights = next((edit / "vae").glob("*.safetensors"))
     tensors = load_file(weights)
@@ -54,14 +58,19 @@ def test_components_that_differ_are_not_shared(tiny_models, tmp_path):
     assert not torch.equal(t2i_pipeline.vae.state_dict()[name], edit_pipeline.vae.state_dict()[name])
 
 
-def test_sharing_can_be_switched_off(tiny_models):
-    t2i, edit = pipelines(worker_for(tiny_models["qwen-image"], tiny_models["qwen-image-edit"], SHARE_COMPONENTS="false"))
+def test_sharing_can_be_switched_off(worker_for, tiny_models):
+    t2i, edit = pipelines(
+        worker_for(tiny_models["qwen-image"], tiny_models["qwen-image-edit"], SHARE_COMPONENTS="false")
+    )
     assert t2i.text_encoder is not edit.text_encoder and t2i.vae is not edit.vae
 
 
 def link_into_hf_cache(tiny_models, cache):
     """Both tiny repos laid out in one HF cache, their files links to content-addressed blobs as the hub makes them."""
-    for repo, source in (("Qwen--Qwen-Image", tiny_models["qwen-image"]), ("Qwen--Qwen-Image-Edit", tiny_models["qwen-image-edit"])):
+    for repo, source in (
+        ("Qwen--Qwen-Image", tiny_models["qwen-image"]),
+        ("Qwen--Qwen-Image-Edit", tiny_models["qwen-image-edit"]),
+    ):
         snapshot = cache / f"models--{repo}" / "snapshots" / "rev"
         for path in sorted(source.rglob("*")):
             if path.is_file():
@@ -91,7 +100,7 @@ def hashed_files(monkeypatch):
     return hashed
 
 
-def test_plain_folders_with_matching_listings_are_compared_by_content(tiny_models, tmp_path, hashed_files):
+def test_plain_folders_with_matching_listings_are_compared_by_content(worker_for, tiny_models, tmp_path, hashed_files):
     """The control for the test below: outside an HF cache, identical-looking folders are hashed file by file."""
     t2i = shutil.copytree(tiny_models["qwen-image"], tmp_path / "t2i")
     edit = shutil.copytree(tiny_models["qwen-image-edit"], tmp_path / "edit")
@@ -100,7 +109,7 @@ def test_plain_folders_with_matching_listings_are_compared_by_content(tiny_model
     assert any(path.is_relative_to(edit / "vae") for path in hashed_files)
 
 
-def test_hugging_face_cache_blobs_are_compared_by_name_without_hashing(tiny_models, tmp_path, hashed_files):
+def test_hugging_face_cache_blobs_are_compared_by_name_without_hashing(worker_for, tiny_models, tmp_path, hashed_files):
     """Two repos in one HF cache whose files link to the same blobs are identical without reading a byte."""
     t2i_snapshot, edit_snapshot = link_into_hf_cache(tiny_models, tmp_path / "hub")
     t2i, edit = pipelines(worker_for(t2i_snapshot, edit_snapshot))

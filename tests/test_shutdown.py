@@ -25,13 +25,14 @@ from typing import Any
 
 import pytest
 import requests
+from support.responses import completed_output, open_image
+from support.s3 import s3_client
+from support.worker_process import WorkerProcess
 
-from conftest import s3_client
 from qwen_worker.errors import StorageError
 from qwen_worker.media import EncodedImage
 from qwen_worker.schema import OutputFormat
 from qwen_worker.storage import LocalDirectoryStore
-from worker_api import WorkerServer, completed_output, open_image
 
 EXIT_WITHIN_S = 60
 # Four 1024x1024 images at 2 steps: ~7 s on 2 cores (most of it the VAE decode), so SIGTERM lands mid-job.
@@ -39,15 +40,7 @@ LONG_JOB = {"prompt": "a lighthouse in a storm", "size": "1024*1024", "num_image
 CLEAN_EXIT_CODES = (0, -signal.SIGTERM)
 
 
-def worker_env(tiny_models, **extra: str) -> dict[str, str]:
-    return {
-        "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-        "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-        **extra,
-    }
-
-
-def sigterm_during_job(worker: WorkerServer, payload: dict[str, Any]) -> dict[str, Any]:
+def sigterm_during_job(worker: WorkerProcess, payload: dict[str, Any]) -> dict[str, Any]:
     """Send ``payload`` and SIGTERM the worker (the process itself, as a container runtime does) once the job runs.
 
     Returns the response (or the exception the request met), the log offset at the signal, and the exit details.
@@ -56,7 +49,7 @@ def sigterm_during_job(worker: WorkerServer, payload: dict[str, Any]) -> dict[st
 
     def call() -> None:
         try:
-            response = requests.post(worker.base_url + "/runsync", json={"input": payload}, timeout=300)
+            response = requests.post(worker.url + "/runsync", json={"input": payload}, timeout=300)
             outcome["status_code"] = response.status_code
             outcome["body"] = response.json()
         except Exception as err:  # noqa: BLE001 (recorded and asserted on below)
@@ -84,7 +77,7 @@ def sigterm_during_job(worker: WorkerServer, payload: dict[str, Any]) -> dict[st
     return outcome
 
 
-def assert_in_flight_job_completed(worker: WorkerServer, outcome: dict[str, Any]) -> dict[str, Any]:
+def assert_in_flight_job_completed(worker: WorkerProcess, outcome: dict[str, Any]) -> dict[str, Any]:
     assert "exception" not in outcome, f"the in-flight request broke off: {outcome['exception']!r}"
     assert outcome["status_code"] == 200
     body = outcome["body"]
@@ -95,7 +88,7 @@ def assert_in_flight_job_completed(worker: WorkerServer, outcome: dict[str, Any]
     assert outcome["returncode"] in CLEAN_EXIT_CODES, (outcome["returncode"], worker.log_text()[-2000:])
     assert outcome["exit_after_s"] < EXIT_WITHIN_S
     with pytest.raises(requests.ConnectionError):
-        requests.get(worker.base_url + "/", timeout=5)  # nothing listens any more
+        requests.get(worker.url + "/", timeout=5)  # nothing listens any more
     if body["status"] == "FAILED":  # acceptable: failed cleanly, with a readable string
         assert isinstance(body["error"], str) and body["error"]
         return body
@@ -105,22 +98,17 @@ def assert_in_flight_job_completed(worker: WorkerServer, outcome: dict[str, Any]
 
 
 @pytest.mark.s3
-def test_sigterm_mid_job_finishes_it_uploads_whole_objects_and_exits(s3_server, tiny_models, tmp_path):
+def test_sigterm_mid_job_finishes_it_uploads_whole_objects_and_exits(start_worker, s3_server):
     client = s3_client(s3_server)
     client.create_bucket(Bucket="scale-down")
-    env = worker_env(
-        tiny_models,
+    with start_worker(
         BUCKET_ENDPOINT_URL=s3_server.endpoint_url,
         BUCKET_ACCESS_KEY_ID=s3_server.access_key,
         BUCKET_SECRET_ACCESS_KEY=s3_server.secret_key,
         BUCKET_NAME="scale-down",
         BUCKET_PREFIX="sd",
-    )
-    worker = WorkerServer(env, tmp_path / "worker.log").start()
-    try:
+    ) as worker:
         outcome = sigterm_during_job(worker, LONG_JOB)
-    finally:
-        worker.stop()
     body = assert_in_flight_job_completed(worker, outcome)
     job_id = body["id"]
 
@@ -143,13 +131,10 @@ def test_sigterm_mid_job_finishes_it_uploads_whole_objects_and_exits(s3_server, 
     assert not client.list_multipart_uploads(Bucket="scale-down").get("Uploads")
 
 
-def test_sigterm_mid_job_leaves_only_whole_files_in_the_output_dir(tiny_models, tmp_path):
+def test_sigterm_mid_job_leaves_only_whole_files_in_the_output_dir(start_worker, tmp_path):
     out = tmp_path / "out"
-    worker = WorkerServer(worker_env(tiny_models, LOCAL_OUTPUT_DIR=str(out)), tmp_path / "worker.log").start()
-    try:
+    with start_worker(LOCAL_OUTPUT_DIR=str(out)) as worker:
         outcome = sigterm_during_job(worker, LONG_JOB)
-    finally:
-        worker.stop()
     body = assert_in_flight_job_completed(worker, outcome)
     files = sorted(out.iterdir()) if out.exists() else []
     assert not [path.name for path in files if not path.name.endswith(".png")], files  # no *.partial
@@ -159,15 +144,12 @@ def test_sigterm_mid_job_leaves_only_whole_files_in_the_output_dir(tiny_models, 
         assert open_image(path.read_bytes()).size == (1024, 1024)
 
 
-def test_sigterm_while_idle_exits_promptly(tiny_models, tmp_path):
-    worker = WorkerServer(worker_env(tiny_models), tmp_path / "worker.log").start()
-    try:
+def test_sigterm_while_idle_exits_promptly(start_worker):
+    with start_worker() as worker:
         completed_output(worker.runsync({"prompt": "a cat", "size": "256*256"}))
         signalled = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)
         returncode = worker.process.wait(timeout=EXIT_WITHIN_S)
-    finally:
-        worker.stop()
     assert returncode in CLEAN_EXIT_CODES
     assert time.monotonic() - signalled < 15
     assert "Finished server process" in worker.log_text()

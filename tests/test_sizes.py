@@ -1,4 +1,4 @@
-"""The size rules in one place: the edit output size agrees with diffusers' own, and the output plan follows the rules."""
+"""The size rules in one place: the edit output size agrees with diffusers' own, and the output plan follows them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate
 
 from qwen_worker.errors import ValidationError
 from qwen_worker.sizes import (
-    MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, check_dimensions, edit_output_size, in_range, nearest_allowed_side, plan_output,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    check_dimensions,
+    edit_output_size,
+    in_range,
+    nearest_allowed_side,
+    plan_output,
 )
 
 # Every aspect from 1:4 to 4:1 that the worker renders without refusing, in small steps, plus odd input sizes.

@@ -40,8 +40,8 @@ from typing import Any
 
 import pytest
 from runpod.serverless.utils import rp_ssrf
+from support.images import photo_like, to_bytes
 
-from images import photo_like, to_bytes
 from qwen_worker.errors import InputImageError, LoraError
 from qwen_worker.loras import LoraStore
 from qwen_worker.media import ImageLimits, load_image
@@ -410,8 +410,7 @@ import io, json, os, socket, sys, tempfile, threading, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-sys.path.insert(0, sys.argv[1])  # tests/, for the fixtures
-from images import photo_like, to_bytes
+from support.images import photo_like, to_bytes  # tests/ is on the PYTHONPATH the test gives this script
 from test_ssrf import LORA
 
 PNG = to_bytes(photo_like(24, 16))
@@ -507,9 +506,9 @@ def test_real_private_addresses_inside_a_network_namespace(tmp_path):
     script = tmp_path / "namespace_check.py"
     script.write_text(textwrap.dedent(NAMESPACE_SCRIPT))
     env = {k: v for k, v in os.environ.items() if k != SWITCH and "proxy" not in k.lower()}
+    env["PYTHONPATH"] = str(Path(__file__).parent)  # tests/: the script imports support.images and this module
     completed = subprocess.run(
-        [*unshare, "sh", "-c", NAMESPACE_SETUP + ' && exec "$0" "$1" "$2"', sys.executable, str(script),
-         str(Path(__file__).parent)],
+        [*unshare, "sh", "-c", NAMESPACE_SETUP + ' && exec "$0" "$1"', sys.executable, str(script)],
         capture_output=True, text=True, timeout=120, env=env,
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("REPORT ")]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from worker_api import ROOT, WorkerServer
+from support.worker_process import ROOT
 
 from qwen_worker.app import StartupFailure, create_worker
 
@@ -78,12 +78,9 @@ def test_an_unforeseen_loading_failure_is_served_too(monkeypatch, tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_a_served_endpoint_answers_each_queued_job_failed_and_keeps_running(tmp_path):
+def test_a_served_endpoint_answers_each_queued_job_failed_and_keeps_running(start_worker, tmp_path):
     """Over the SDK's HTTP API, as Runpod would deliver jobs: the process stays up and each job gets the reason."""
-    server = WorkerServer(
-        {"QWEN_IMAGE_MODEL": str(tmp_path / "no-such-model"), "SAFETY_CHECKER": "off"}, tmp_path / "worker.log"
-    ).start(timeout=120)
-    try:
+    with start_worker(QWEN_IMAGE_MODEL=str(tmp_path / "no-such-model"), SAFETY_CHECKER="off", timeout=120) as server:
         for _ in range(2):
             body = server.runsync({"prompt": "a lighthouse"}, timeout=60)
             assert body["status"] == "FAILED", body
@@ -91,8 +88,6 @@ def test_a_served_endpoint_answers_each_queued_job_failed_and_keeps_running(tmp_
             assert "no-such-model" in body["error"]
         assert server.process is not None and server.process.poll() is None
         assert server.log_text().count("the worker cannot start") == 1  # logged once, at start-up
-    finally:
-        server.stop()
 
 
 def test_local_test_mode_still_fails_loudly(tmp_path):

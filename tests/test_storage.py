@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -37,10 +38,12 @@ def test_local_directory_writes_files_and_file_urls(tmp_path):
     store = LocalDirectoryStore(tmp_path / "out")
     first = store.store("local_test", [encoded(10)])
     path = url2pathname(urlparse(first[0]).path)
-    assert first[0].startswith("file://") and open(path, "rb").read() == encoded(10).data
+    assert first[0].startswith("file://") and Path(path).read_bytes() == encoded(10).data
     assert not list((tmp_path / "out").glob("*.partial"))
 
 
-@pytest.mark.parametrize("job_id, expected", [("sync-abc-u1", "sync-abc-u1"), ("../../etc/passwd", "_.._etc_passwd"), ("", "job")])
+@pytest.mark.parametrize(
+    "job_id, expected", [("sync-abc-u1", "sync-abc-u1"), ("../../etc/passwd", "_.._etc_passwd"), ("", "job")]
+)
 def test_job_ids_are_made_safe_for_paths_and_keys(job_id, expected):
     assert safe_job_id(job_id) == expected
