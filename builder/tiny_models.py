@@ -7,6 +7,9 @@ writes, offline and in seconds, folders laid out like the real Hugging Face repo
 - ``OUT_DIR/qwen-image``: a ``QwenImagePipeline`` (Qwen/Qwen-Image);
 - ``OUT_DIR/qwen-image-edit``: a ``QwenImageEditPipeline`` with its ``processor/`` (Qwen/Qwen-Image-Edit);
 - ``OUT_DIR/qwen-image-edit-plus``: a ``QwenImageEditPlusPipeline`` (Qwen/Qwen-Image-Edit-2509);
+- ``OUT_DIR/qwen-image-2.1``: a ``QwenImage21Pipeline`` (Qwen/Qwen-Image-2.1): a Qwen3-VL text encoder with its
+  ``processor/`` (tokenizer, image processor and chat template, no ``tokenizer/`` of its own), the single-stream
+  transformer and the RGBA VAE (16x spatial compression);
 - ``OUT_DIR/safety-checker``: a ``StableDiffusionSafetyChecker`` with its CLIP preprocessor config at the root
   (CompVis/stable-diffusion-safety-checker), built so that it never flags an image.
 
@@ -20,6 +23,7 @@ processor settings. Only the vocabulary, widths and depths are tiny. The output 
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import logging
@@ -43,7 +47,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
@@ -57,6 +64,8 @@ from transformers import (  # noqa: E402
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
@@ -64,7 +73,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 
 SEED = 0
 
-# scheduler/scheduler_config.json of Qwen/Qwen-Image.
+# scheduler/scheduler_config.json of Qwen/Qwen-Image (and, by the published 2.1 layouts, of Qwen/Qwen-Image-2.1).
 SCHEDULER_CONFIG: dict[str, Any] = {
     "base_image_seq_len": 256,
     "base_shift": 0.5,
@@ -442,6 +451,170 @@ def _build_safety_checker(folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------ Qwen-Image-2.1
+
+# Qwen-Image-2.1 pairs a Qwen3-VL text encoder (16-pixel vision patches merged 2x2, so one vision token covers the
+# 32x32 pixels of a 2x2 group of the VAE's 16x latents) with a single-stream transformer reading those latents
+# unpatched. The tiny one keeps that geometry; only widths and depths shrink.
+QWEN21_PATCH_SIZE = 16
+QWEN21_LATENT_CHANNELS = 16  # 64 in the real VAE; anything but 4 (the pipeline takes 4-channel input as latents)
+
+# The real processor/preprocessor_config.json of Qwen3-VL (and so of Qwen/Qwen-Image-2.1).
+QWEN21_IMAGE_MEAN = [0.5, 0.5, 0.5]
+QWEN21_IMAGE_STD = [0.5, 0.5, 0.5]
+
+# A Qwen3-VL chat template reduced to what the pipeline renders (system/user/assistant turns of text and images):
+# the pipeline counts the tokens of its rendered system turn to know how many hidden states to drop, so the
+# processor must carry a template, and it must render that turn as the real one does.
+QWEN21_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _qwen21_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen3VLForConditionalGeneration:
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": math.ceil(len(tokenizer) / 64) * 64,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6,
+            # mrope sections cover head_dim / 2, interleaved, as in the real config ([24, 20, 20] of 128).
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": TEXT_HIDDEN,
+            "patch_size": QWEN21_PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],  # the real (8, 16, 24) need 25+ vision layers
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def _qwen21_transformer() -> QwenImage21Transformer2DModel:
+    torch.manual_seed(SEED)
+    return QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=QWEN21_LATENT_CHANNELS,
+        out_channels=QWEN21_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=TEXT_HIDDEN,
+        mlp_ratio=3,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) does to 128
+        causal_condition=True,
+    ).eval()
+
+
+def _qwen21_vae() -> AutoencoderKLQwenImage21:
+    # Five stages (four spatial downsamplings) keep the real 16x factor; the real latents_mean/std are cut to size.
+    defaults = inspect.signature(AutoencoderKLQwenImage21.__init__).parameters
+    torch.manual_seed(SEED)
+    return AutoencoderKLQwenImage21(
+        base_dim=4,
+        decoder_base_dim=6,
+        z_dim=QWEN21_LATENT_CHANNELS,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True, True],
+        latents_mean=list(defaults["latents_mean"].default[:QWEN21_LATENT_CHANNELS]),
+        latents_std=list(defaults["latents_std"].default[:QWEN21_LATENT_CHANNELS]),
+        in_channels=4,  # RGBA in and out
+        out_channels=4,
+    ).eval()
+
+
+def _qwen21_processor_files(tokenizer_files: dict[str, str]) -> dict[str, str]:
+    image = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": QWEN21_IMAGE_MEAN,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "image_std": QWEN21_IMAGE_STD,
+        "merge_size": MERGE_SIZE,
+        "patch_size": QWEN21_PATCH_SIZE,
+        "processor_class": "Qwen3VLProcessor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+    }
+    # Never read by the worker (see qwen_worker.processor); kept so the folder is a complete Qwen3VLProcessor.
+    video = {
+        **{key: image[key] for key in ("image_mean", "image_std", "merge_size", "patch_size", "processor_class")},
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }
+    return {
+        **tokenizer_files,
+        "preprocessor_config.json": json.dumps(image, indent=2) + "\n",
+        "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",
+        "chat_template.jinja": QWEN21_CHAT_TEMPLATE,
+    }
+
+
+def _build_qwen21_pipeline(folder: Path, tokenizer_files: dict[str, str]) -> None:
+    """Written component by component, as the real repo is laid out: the pipeline's constructor needs a processor
+    (it renders the chat template), and the stock Qwen3VLProcessor cannot be built here without torchvision."""
+    with tempfile.TemporaryDirectory() as staging:
+        _write_files(Path(staging), tokenizer_files)
+        tokenizer = Qwen2Tokenizer.from_pretrained(staging, local_files_only=True)
+    with _quiet():
+        _qwen21_transformer().save_pretrained(str(folder / "transformer"), safe_serialization=True)
+        _qwen21_vae().save_pretrained(str(folder / "vae"), safe_serialization=True)
+        _qwen21_text_encoder(tokenizer).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+        FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(str(folder / "scheduler"))
+    _write_files(folder / "processor", _qwen21_processor_files(tokenizer_files))
+    index = {
+        "_class_name": QwenImage21Pipeline.__name__,
+        "_diffusers_version": "0.42.1",
+        "processor": ["transformers", "Qwen3VLProcessor"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+        "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
@@ -450,7 +623,7 @@ def _folder_size(folder: Path) -> int:
 
 
 def build_all(out_dir: Path) -> dict[str, Path]:
-    """Write the four tiny model folders under ``out_dir``, replacing earlier ones; return them by name."""
+    """Write the tiny model folders under ``out_dir``, replacing earlier ones; return them by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_files = _tokenizer_files()
@@ -458,6 +631,7 @@ def build_all(out_dir: Path) -> dict[str, Path]:
         "qwen-image": lambda f: _build_pipeline(f, QwenImagePipeline, tokenizer_files),
         "qwen-image-edit": lambda f: _build_pipeline(f, QwenImageEditPipeline, tokenizer_files),
         "qwen-image-edit-plus": lambda f: _build_pipeline(f, QwenImageEditPlusPipeline, tokenizer_files),
+        "qwen-image-2.1": lambda f: _build_qwen21_pipeline(f, tokenizer_files),
         "safety-checker": _build_safety_checker,
     }
     written: dict[str, Path] = {}

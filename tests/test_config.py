@@ -8,7 +8,7 @@ import pytest
 
 from qwen_worker.config import MAX_PRESIGN_TTL_SECONDS, Settings
 from qwen_worker.errors import ConfigError
-from qwen_worker.schema import GenerationDefaults
+from qwen_worker.profiles import PROFILES, request_rules
 
 BUCKET = {
     "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9",
@@ -22,7 +22,8 @@ def test_defaults():
     settings = Settings.from_env({})
     assert settings.t2i_model == "Qwen/Qwen-Image"
     assert settings.edit_model is None
-    assert (settings.default_steps, settings.default_true_cfg_scale) == (50, 4.0)
+    assert (settings.default_steps, settings.default_true_cfg_scale) == (None, None)  # unset: the model card's
+    assert settings.accept_research_license is False
     assert settings.price_per_megapixel == 0.02
     assert settings.max_inline_bytes == 15_000_000
     assert settings.bucket is None and settings.local_output_dir is None
@@ -35,10 +36,21 @@ def test_every_default_is_the_settings_field_default():
     assert Settings.from_env({}) == Settings()
 
 
-def test_generation_defaults_come_from_settings():
+def test_operator_defaults_override_every_models_card_defaults():
     settings = Settings.from_env({"DEFAULT_STEPS": "12", "DEFAULT_TRUE_CFG_SCALE": "2.5"})
-    assert settings.generation_defaults == GenerationDefaults(num_inference_steps=12, true_cfg_scale=2.5)
-    assert Settings().generation_defaults == GenerationDefaults()
+    assert (settings.default_steps, settings.default_true_cfg_scale) == (12, 2.5)
+    for profile in PROFILES.values():
+        rules = request_rules(profile, settings.default_steps, settings.default_true_cfg_scale)
+        assert (rules.num_inference_steps, rules.true_cfg_scale) == (12, 2.5), profile.pipeline_class
+        card = request_rules(profile, Settings().default_steps, Settings().default_true_cfg_scale)
+        assert card.num_inference_steps == profile.default_steps
+        assert card.true_cfg_scale == profile.default_true_cfg_scale
+
+
+def test_research_license_acceptance_is_read():
+    assert Settings.from_env({"QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "true"}).accept_research_license is True
+    with pytest.raises(ConfigError, match="QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE"):
+        Settings.from_env({"QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "maybe"})
 
 
 def test_model_can_be_switched_off_but_not_both():

@@ -67,6 +67,7 @@ from qwen_worker.errors import InputImageError, LoraError
 from qwen_worker.loading import LightningFiles, LoadedPipeline
 from qwen_worker.media import encode_image
 from qwen_worker.models import ResolvedModel
+from qwen_worker.profiles import ModelProfile
 from qwen_worker.runner import Generation, GenerationJob, PipelineRunner
 from qwen_worker.schema import LoraRequest, OutputFormat, Request, Task
 from qwen_worker.storage import InlineStore
@@ -184,6 +185,9 @@ class StubRunner:
 
     def check_request(self, request: Request) -> None:
         self.real.check_request(request)
+
+    def profile_for(self, task: Task) -> ModelProfile:
+        return self.real.profile_for(task)
 
     def generate(self, job: GenerationJob, on_progress: Any = None) -> Generation:
         RECORD.jobs.append(job)

@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
 from .loras import LoraStore
 from .models import resolve_folder, resolve_model
+from .profiles import PROFILES, check_license, profile_for
 from .progress import StepProgress, runpod_sender
 from .runner import PipelineRunner
 from .safety import SafetyChecker
@@ -82,6 +83,9 @@ def build_worker(settings: Settings) -> Worker:
         model = resolve_model(
             spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, variable=variable
         )
+        if model.pipeline_class in PROFILES:  # an unknown class is refused by load_pipeline, naming the known ones
+            # Before any weight is loaded: a research-only model is not served until its licence is accepted.
+            check_license(profile_for(model.pipeline_class), spec, variable, settings.accept_research_license)
         loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)
     store = build_store(settings)

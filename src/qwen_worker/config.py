@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
-from .schema import GenerationDefaults, parse_size
+from .schema import parse_size
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
 DEFAULT_SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
@@ -58,10 +58,13 @@ class Settings:
     volume_path: Path = Path("/runpod-volume")
     hf_hub_cache: Path | None = None
     require_cuda: bool = False
+    # Qwen-Image-2.1's licence permits research and evaluation only: it is served only once this is set.
+    accept_research_license: bool = False
 
-    # Generation defaults when a request gives none (the model card's, written once in schema.GenerationDefaults).
-    default_steps: int = GenerationDefaults.num_inference_steps
-    default_true_cfg_scale: float = GenerationDefaults.true_cfg_scale
+    # Generation defaults when a request gives none. None (unset): the serving model's card defaults
+    # (profiles.py: 50 steps for Qwen-Image, 40 for Edit-Plus and 2.1...); a value overrides them for every model.
+    default_steps: int | None = None
+    default_true_cfg_scale: float | None = None
 
     # Pricing.
     price_per_megapixel: float = 0.02
@@ -104,10 +107,6 @@ class Settings:
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
-    @property
-    def generation_defaults(self) -> GenerationDefaults:
-        return GenerationDefaults(self.default_steps, self.default_true_cfg_scale)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -119,10 +118,11 @@ class Settings:
             volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", str(default.volume_path))),
             hf_hub_cache=_hf_hub_cache(env),
             require_cuda=reader.boolean("REQUIRE_CUDA", default.require_cuda),
-            default_steps=reader.integer("DEFAULT_STEPS", default.default_steps, low=1, high=100),
-            default_true_cfg_scale=reader.number(
-                "DEFAULT_TRUE_CFG_SCALE", default.default_true_cfg_scale, low=1.0, high=20.0
+            accept_research_license=reader.boolean(
+                "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE", default.accept_research_license
             ),
+            default_steps=reader.optional_integer("DEFAULT_STEPS", low=1, high=100),
+            default_true_cfg_scale=reader.optional_number("DEFAULT_TRUE_CFG_SCALE", low=1.0, high=20.0),
             price_per_megapixel=reader.number("PRICE_PER_MEGAPIXEL", default.price_per_megapixel, low=0.0, high=1e6),
             max_image_bytes=reader.integer("MAX_IMAGE_BYTES", default.max_image_bytes, low=1, high=1 << 34),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", default.max_image_pixels, low=1, high=1 << 34),
@@ -285,6 +285,13 @@ class _EnvReader:
         if value in _FALSE:
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
+        """The value, or None when the variable is unset or empty (so "unset" stays distinguishable)."""
+        return self.integer(name, 0, low=low, high=high) if self.text(name, "") else None
+
+    def optional_number(self, name: str, *, low: float, high: float) -> float | None:
+        return self.number(name, 0.0, low=low, high=high) if self.text(name, "") else None
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         raw = self.text(name, "")

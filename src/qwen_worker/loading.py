@@ -2,9 +2,11 @@
 
 The same code loads the tiny random-weight pipelines the tests build and the real 20B checkpoints.
 
-- The pipeline class comes from the folder's ``model_index.json``, so Qwen-Image, Qwen-Image-Edit and
-  Qwen-Image-Edit-Plus (2509/2511) folders all load through one path (``SUPPORTED_PIPELINES``).
-- Edit pipelines get an image-only Qwen2-VL processor (see ``processor.py``) so torchvision is never needed.
+- The pipeline class comes from the folder's ``model_index.json``, so Qwen-Image (and 2512), Qwen-Image-Edit,
+  Qwen-Image-Edit-Plus (2509/2511) and Qwen-Image-2.1 folders all load through one path; what each serves is its
+  profile (``profiles.py``).
+- A pipeline with a ``processor`` (the edit pipelines' Qwen2-VL one, 2.1's Qwen3-VL one) gets its image-only
+  variant (see ``processor.py``) so torchvision is never needed.
 - bf16 on CUDA, float32 on CPU; ``local_files_only`` always (the hub is never contacted at run time).
 - Large components go through a ``ComponentPool``, so two pipelines with identical text encoder or VAE files share
   one copy; the speed options of ``acceleration.py`` are applied here, once per transformer.
@@ -28,15 +30,14 @@ import torch
 from .acceleration import AccelerationSettings, apply_acceleration, warm_up
 from .errors import ConfigError
 from .models import ResolvedModel
+from .profiles import PROFILES, ModelProfile, profile_for
 from .schema import FastMode, Task
 
 log = logging.getLogger(__name__)
 
-# model_index.json class name -> (task it serves, accepts several reference images)
+# model_index.json class name -> (task it is loaded for, accepts several reference images), from its profile
 SUPPORTED_PIPELINES: dict[str, tuple[Task, bool]] = {
-    "QwenImagePipeline": (Task.TEXT_TO_IMAGE, False),
-    "QwenImageEditPipeline": (Task.EDIT, False),
-    "QwenImageEditPlusPipeline": (Task.EDIT, True),
+    name: (profile.tasks[0], profile.max_reference_images > 1) for name, profile in PROFILES.items()
 }
 
 
@@ -66,6 +67,10 @@ class LoadedPipeline:
     lightning: LightningFiles = field(default_factory=LightningFiles)
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
     batched_cfg: bool = False
+
+    @property
+    def profile(self) -> ModelProfile:
+        return profile_for(self.model.pipeline_class)
 
 
 def select_device(require_cuda: bool) -> torch.device:
@@ -109,6 +114,11 @@ def load_pipeline(
             + ", ".join(SUPPORTED_PIPELINES)
         )
     task, multi_image = SUPPORTED_PIPELINES[model.pipeline_class]
+    if acceleration.batched_cfg and not profile_for(model.pipeline_class).batched_cfg:
+        raise ConfigError(
+            f"BATCHED_CFG=true cannot serve {model.model_id} ({model.pipeline_class}): its CFG passes differ in "
+            "their masks and caches, so they cannot share one batch; unset BATCHED_CFG"
+        )
     pipeline_class = getattr(diffusers, model.pipeline_class)
     pool = pool or ComponentPool(share=False)
 
@@ -118,10 +128,11 @@ def load_pipeline(
             name: pool.load(model, name, library, class_name, device)
             for name, (library, class_name) in _model_components(model.path).items()
         }
-        if task is Task.EDIT:
+        processor_class = _processor_class(model.path)
+        if processor_class is not None:
             from .processor import load_processor
 
-            components["processor"] = load_processor(model.path / "processor")
+            components["processor"] = load_processor(model.path / "processor", processor_class)
         # Everything not passed in (tokenizer, scheduler) is small and loaded by diffusers itself.
         pipeline = pipeline_class.from_pretrained(
             model.path, dtype=dtype_for(device), local_files_only=True, **components
@@ -142,6 +153,14 @@ def load_pipeline(
 
 # The components worth timing one by one and sharing between pipelines: the large torch modules.
 MODEL_COMPONENT_NAMES = ("transformer", "text_encoder", "vae")
+
+
+def _processor_class(folder: Path) -> str | None:
+    """The processor class model_index.json names (Qwen2VLProcessor, Qwen3VLProcessor), or None without one."""
+    entry = json.loads((folder / "model_index.json").read_text()).get("processor")
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        return entry[1]
+    return None
 
 
 def _model_components(folder: Path) -> dict[str, tuple[str, str]]:

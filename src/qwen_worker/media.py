@@ -9,7 +9,9 @@ only the formats in ``ACCEPTED_INPUT_FORMATS`` are tried (sniffed from the conte
 data URI type), the pixel count is checked from the header before any pixel is decoded (decompression bombs), and
 an animation is read as its first frame.
 
-Outputs are encoded without metadata: no prompt in PNG text chunks, no EXIF.
+Outputs are encoded without metadata: no prompt in PNG text chunks, no EXIF. An RGBA result (Qwen-Image-2.1's
+transparent output; Layered's layers) keeps its alpha in PNG and WebP; JPEG, which has none, gets it flattened over
+white (``flatten_alpha``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -159,17 +161,23 @@ def _cause(err: BaseException) -> str:
 def encode_image(image: Image.Image, output_format: OutputFormat, quality: int | None = None) -> EncodedImage:
     """Encode a generated image. ``quality`` (1-100) applies to jpeg and webp; None uses the defaults below.
 
-    Fresh buffers and no ``pnginfo``/``exif`` arguments mean no metadata is written.
+    An RGBA image is written with its alpha as PNG or WebP (WebP's alpha plane is lossless at these settings),
+    flattened over white as JPEG. Fresh buffers and no ``pnginfo``/``exif`` arguments mean no metadata is written.
     """
     buffer = io.BytesIO()
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    if output_format is OutputFormat.PNG:
-        rgb.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif output_format is OutputFormat.JPEG:
-        rgb.save(buffer, format="JPEG", quality=quality or JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
+    if image.mode == "RGBA" and output_format is not OutputFormat.JPEG:
+        output = image
+    elif image.mode in ("RGBA", "LA", "PA"):
+        output = flatten_alpha(image)
     else:
-        rgb.save(buffer, format="WEBP", quality=quality or WEBP_QUALITY, method=WEBP_METHOD)
-    return EncodedImage(buffer.getvalue(), output_format, rgb.width, rgb.height)
+        output = image if image.mode == "RGB" else image.convert("RGB")
+    if output_format is OutputFormat.PNG:
+        output.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format is OutputFormat.JPEG:
+        output.save(buffer, format="JPEG", quality=quality or JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
+    else:
+        output.save(buffer, format="WEBP", quality=quality or WEBP_QUALITY, method=WEBP_METHOD)
+    return EncodedImage(buffer.getvalue(), output_format, output.width, output.height)
 
 
 # Encoder settings, chosen with bench/worker_overhead.py (`make bench`) on a photo-like 1024x1024 image; the numbers
@@ -189,6 +197,19 @@ WEBP_QUALITY = 90
 WEBP_METHOD = 0
 
 
+def flatten_alpha(image: Image.Image) -> Image.Image:
+    """An image with alpha composited over white (what a viewer shows); RGB images are returned as they are.
+
+    ``convert("RGB")`` would drop the alpha instead, exposing whatever colour the transparent pixels happen to hold.
+    """
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Flatten alpha onto white (what a viewer shows) and expand palettes, so the pipeline always gets RGB."""
     if image.mode == "RGB":
@@ -198,10 +219,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # Scale to 8 bits the way a viewer shows it.
         image = image.convert("I").point(lambda value: value / 256).convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        return flatten_alpha(image)
     return image.convert("RGB")
 
 

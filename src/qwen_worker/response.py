@@ -53,6 +53,8 @@ def job_result(
         "timings": {name: round(ms, 1) for name, ms in timings.items()},
         "model": {"id": generation.model.model_id, "revision": generation.model.revision},
     }
+    if generation.license is not None:
+        result["model"]["license"] = generation.license
     if flags is not None:
         result["has_nsfw_concepts"] = flags
     if request.enhance_prompt:

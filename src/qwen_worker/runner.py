@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,8 +24,10 @@ from .acceleration import BatchedTrueCFG
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .loading import LoadedPipeline
 from .loras import applied_loras
+from .media import flatten_alpha
 from .models import ResolvedModel
-from .schema import FastMode, Request, Task
+from .profiles import DEFAULT_PROFILE, ModelProfile
+from .schema import Background, FastMode, Request, Task
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class Generation:
     true_cfg_scale: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    license: str | None = None  # the model's licence, as results report it
 
 
 class PipelineRunner:
@@ -75,6 +79,16 @@ class PipelineRunner:
             if loaded.task in self._by_task:
                 raise ConfigError(f"Two pipelines configured for {loaded.task.value}")
             self._by_task[loaded.task] = loaded
+        # A pipeline that also serves other tasks (Qwen-Image-2.1 edits too) takes those no other pipeline serves:
+        # a model configured for a task explicitly wins.
+        for loaded in pipelines:
+            for task in loaded.profile.tasks:
+                self._by_task.setdefault(task, loaded)
+
+    def profile_for(self, task: Task) -> ModelProfile:
+        """The profile of the model serving ``task``; Qwen-Image's when none does (the request is refused later)."""
+        loaded = self._by_task.get(task)
+        return loaded.profile if loaded is not None else DEFAULT_PROFILE
 
     def pipeline_for(self, task: Task) -> LoadedPipeline:
         loaded = self._by_task.get(task)
@@ -119,14 +133,19 @@ class PipelineRunner:
             torch.inference_mode(),
         ):
             output = loaded.pipeline(**call)
-        note = prompt_token_note(loaded.pipeline, call["prompt"])
+        note = prompt_token_note(loaded.pipeline, call["prompt"], loaded.profile.max_prompt_tokens)
+        images = list(output.images)
+        if job.request.background is not Background.TRANSPARENT:
+            # Qwen-Image-2.1 always decodes RGBA; unless transparency was asked for, deliver what a viewer shows.
+            images = [flatten_alpha(image) for image in images]
         return Generation(
-            images=list(output.images),
+            images=images,
             model=loaded.model,
             num_inference_steps=job.request.num_inference_steps,
             true_cfg_scale=job.request.true_cfg_scale,
             timings_ms=stages.timings_ms(),
             notes=[note] if note else [],
+            license=loaded.profile.license.name,
         )
 
 
@@ -148,6 +167,12 @@ def _call_arguments(loaded: LoadedPipeline, job: GenerationJob, on_progress: Pro
     }
     if request.task is Task.EDIT:
         call["image"] = list(job.inputs) if loaded.accepts_multiple_images else job.inputs[0]
+    sample_sigmas = loaded.pipeline.config.get("sample_sigmas")
+    if sample_sigmas and len(sample_sigmas) != request.num_inference_steps:
+        # A checkpoint whose model_index.json fixes a sigma grid (2.1 may) ignores num_inference_steps; the request's
+        # steps are honoured with the pipeline's own default grid at that length.
+        steps = request.num_inference_steps
+        call["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
     if on_progress is not None:
         total = request.num_inference_steps
 
@@ -272,12 +297,16 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def prompt_token_note(pipeline: Any, prompt: str) -> str | None:
-    """A note when the prompt is longer than the text encoder reads (the rest is silently cut by the pipeline)."""
-    tokens = len(pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if tokens <= MAX_PROMPT_TOKENS:
+def prompt_token_note(pipeline: Any, prompt: str, limit: int | None = MAX_PROMPT_TOKENS) -> str | None:
+    """A note when the prompt is longer than the text encoder reads (the rest is silently cut by the pipeline).
+
+    ``limit`` None: the pipeline reads the whole prompt (Qwen-Image-2.1), so there is nothing to say."""
+    if limit is None:
         return None
-    return f"the prompt is {tokens} tokens; the text encoder reads only the first {MAX_PROMPT_TOKENS}"
+    tokens = len(pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokens <= limit:
+        return None
+    return f"the prompt is {tokens} tokens; the text encoder reads only the first {limit}"
 
 
 def _lightning_variable(task: Task, mode: FastMode) -> str:

@@ -18,11 +18,20 @@ import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 from .errors import ValidationError, json_type, preview
-from .sizes import ASPECT_RATIOS, FAL_PRESETS, REPLICATE_SIZE_MODES, about_one_megapixel, check_dimensions
+from .sizes import (
+    ASPECT_RATIOS,
+    DEFAULT_SIZE_RULES,
+    FAL_PRESETS,
+    REPLICATE_SIZE_MODES,
+    SizeRules,
+    about_one_megapixel,
+    check_dimensions,
+)
 
 SEED_LIMIT = 2**32
 MAX_STEPS = 100
@@ -79,12 +88,30 @@ class LoraRequest:
     scale: float
 
 
+class Background(str, enum.Enum):
+    """OpenAI's ``background``: ``transparent`` keeps the alpha of a model that draws it (RGBA PNG/WebP)."""
+
+    AUTO = "auto"
+    OPAQUE = "opaque"
+    TRANSPARENT = "transparent"
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """Operator-set defaults that requests may override (DEFAULT_STEPS, DEFAULT_TRUE_CFG_SCALE)."""
+    """What a request is parsed against: the defaults it may override and the rules of the model that serves it.
+
+    The defaults are the operator's (DEFAULT_STEPS, DEFAULT_TRUE_CFG_SCALE) or else the model card's; the rules are
+    the model's (``profiles.request_rules`` builds both from a profile). The field defaults are Qwen-Image's.
+    """
 
     num_inference_steps: int = 50
     true_cfg_scale: float = 4.0
+    sizes: SizeRules = DEFAULT_SIZE_RULES
+    # Read-only, as one mapping is shared by every instance.
+    aspect_ratios: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType(ASPECT_RATIOS))
+    max_images: int = MAX_EDIT_IMAGES
+    alpha_output: bool = False
+    cfg_needs_negative_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +129,7 @@ class Request:
     enable_safety_checker: bool
     output_format: OutputFormat
     image_urls: tuple[str, ...] = ()
+    background: Background = Background.AUTO
     num_images: int = 1
     output_quality: int | None = None
     match_input_size: bool = False
@@ -133,23 +161,29 @@ _FIELDS = frozenset(
         "prompt", "negative_prompt", "size", "width", "height", "aspect_ratio", "image_size", "seed",
         "num_inference_steps", "enable_safety_checker", "disable_safety_checker", "image", "images",
         "output_format", "output_quality", "match_input_size", "loras", "lora_weights", "lora_scale", "go_fast",
-        "acceleration", "sync_mode", "watermark", "dry_run",
+        "acceleration", "sync_mode", "watermark", "dry_run", "background",
     }
     | {alias for names in _ALIASES.values() for alias in names}
 )
 
 
-def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults()) -> Request:
-    """Validate a job's ``input`` and return the typed request, or raise ``ValidationError`` naming the field."""
+def parse_request(
+    raw: Any, defaults: GenerationDefaults | Callable[[Task], GenerationDefaults] = GenerationDefaults()
+) -> Request:
+    """Validate a job's ``input`` and return the typed request, or raise ``ValidationError`` naming the field.
+
+    ``defaults`` may be a function of the task: the model that serves a request (and so its rules) depends on it."""
     if not isinstance(raw, Mapping):
         raise ValidationError("input", f"must be a JSON object, got {json_type(raw)}")
     _reject_unknown_fields(raw)
     fields = _Fields(raw)
     notes: list[str] = []
 
-    image_urls = _image_urls(fields)
-    task = Task.EDIT if image_urls else Task.TEXT_TO_IMAGE
-    width, height = _size(fields, default=None if task is Task.EDIT else (1024, 1024))
+    has_images = fields.optional("image") is not None or fields.optional("images") is not None
+    task = Task.EDIT if has_images else Task.TEXT_TO_IMAGE
+    rules = defaults(task) if callable(defaults) else defaults
+    image_urls = _image_urls(fields, rules.max_images)
+    width, height = _size(fields, rules, default=None if task is Task.EDIT else (1024, 1024))
     match_input_size = fields.boolean("match_input_size", default=False)
     if match_input_size and task is not Task.EDIT:
         raise ValidationError("match_input_size", "applies only to edits (requests with 'image' or 'images')")
@@ -169,8 +203,14 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
             notes.append(f"fast mode ({fast_mode.value}) runs without true CFG; true_cfg_scale {cfg:g} ignored")
         steps, cfg = fast_mode.steps, 1.0
 
+    background = _background(fields.optional("background"), rules)
+    # A transparent result needs a format with alpha: PNG unless WebP is asked for.
     default_format = OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG
+    if background is Background.TRANSPARENT:
+        default_format = OutputFormat.PNG
     output_format = _output_format(fields.optional("output_format"), default_format)
+    if background is Background.TRANSPARENT and output_format is OutputFormat.JPEG:
+        raise ValidationError("output_format", "jpeg has no alpha channel: use png or webp with background transparent")
     output_quality = fields.integer("output_quality", default=None, low=1, high=100)
     if output_quality is not None and output_format is OutputFormat.PNG:
         raise ValidationError("output_quality", "applies to jpeg and webp only (png is lossless)")
@@ -178,18 +218,34 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
     if fields.boolean("watermark", default=False):
         raise ValidationError("watermark", "true is not supported: this worker never watermarks images")
 
+    negative_prompt = fields.string("negative_prompt", default="")
+    true_cfg_scale = cfg if cfg is not None else rules.true_cfg_scale
+    if rules.cfg_needs_negative_prompt and true_cfg_scale > 1.0:
+        # Qwen-Image-2.1 runs true CFG only against an explicit negative prompt (its pipeline's rule), and each
+        # step then runs the transformer twice.
+        if negative_prompt.strip():
+            notes.append(
+                f"true CFG (true_cfg_scale {true_cfg_scale:g}) runs the model twice per step: it doubles the cost"
+            )
+        else:
+            notes.append(
+                f"true_cfg_scale {true_cfg_scale:g} ignored: this model runs true CFG only with a negative_prompt"
+            )
+            true_cfg_scale = 1.0
+
     return Request(
         task=task,
         prompt=fields.string("prompt", required=True, non_empty=True),
-        negative_prompt=fields.string("negative_prompt", default=""),
+        negative_prompt=negative_prompt,
         width=width,
         height=height,
         seed=_seed(fields.integer("seed", default=-1)),
-        num_inference_steps=steps if steps is not None else defaults.num_inference_steps,
-        true_cfg_scale=cfg if cfg is not None else defaults.true_cfg_scale,
+        num_inference_steps=steps if steps is not None else rules.num_inference_steps,
+        true_cfg_scale=true_cfg_scale,
         enable_safety_checker=_safety_checker(fields),
         output_format=output_format,
         image_urls=image_urls,
+        background=background,
         num_images=fields.aliased_integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES),
         output_quality=output_quality,
         match_input_size=match_input_size,
@@ -202,7 +258,7 @@ def parse_request(raw: Any, defaults: GenerationDefaults = GenerationDefaults())
     )
 
 
-def parse_size(value: Any) -> tuple[int, int]:
+def parse_size(value: Any, rules: SizeRules = DEFAULT_SIZE_RULES) -> tuple[int, int]:
     """Parse Runpod's "W*H" size string; Runpod's own wording for a malformed value is kept verbatim."""
     if not isinstance(value, str):
         raise ValidationError(
@@ -212,7 +268,7 @@ def parse_size(value: Any) -> tuple[int, int]:
     if not match:
         raise ValidationError("size", f'format must be width*height (e.g. "1024*1024"), got {preview(value)}')
     width, height = int(match.group(1)), int(match.group(2))
-    check_dimensions(width, height, field="size")
+    check_dimensions(width, height, field="size", rules=rules)
     return width, height
 
 
@@ -222,7 +278,7 @@ def mostly_cjk(text: str) -> bool:
     return bool(letters) and cjk * 2 > len(letters)
 
 
-def _size(fields: _Fields, default: tuple[int, int] | None) -> tuple[int | None, int | None]:
+def _size(fields: _Fields, rules: GenerationDefaults, default: tuple[int, int] | None) -> tuple[int | None, int | None]:
     """One size form at most: size | width+height | aspect_ratio | image_size.
 
     Replicate's image_size modes may take an aspect_ratio beside them."""
@@ -244,28 +300,28 @@ def _size(fields: _Fields, default: tuple[int, int] | None) -> tuple[int | None,
             forms[1].split("/")[0], f"cannot be combined with {forms[0]}: give the size in one form only"
         )
     if size is not None:
-        return parse_size(size)
+        return parse_size(size, rules.sizes)
     if width is not None or height is not None:
         w = fields.integer("width", default=None)
         h = fields.integer("height", default=None)
         if w is None or h is None:
             raise ValidationError("width" if w is None else "height", "is required when the other side is given")
-        check_dimensions(w, h, field="width/height")
+        check_dimensions(w, h, field="width/height", rules=rules.sizes)
         return w, h
     if image_size is not None:
-        return _image_size(image_size, aspect)
+        return _image_size(image_size, aspect, rules)
     if aspect is not None:
-        return _aspect_ratio(aspect)
+        return _aspect_ratio(aspect, rules.aspect_ratios)
     return default if default is not None else (None, None)
 
 
-def _aspect_ratio(value: Any) -> tuple[int, int]:
-    if not isinstance(value, str) or value.strip() not in ASPECT_RATIOS:
-        raise ValidationError("aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}, got {preview(value)}")
-    return ASPECT_RATIOS[value.strip()]
+def _aspect_ratio(value: Any, presets: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+    if not isinstance(value, str) or value.strip() not in presets:
+        raise ValidationError("aspect_ratio", f"must be one of {', '.join(presets)}, got {preview(value)}")
+    return presets[value.strip()]
 
 
-def _image_size(value: Any, aspect: Any) -> tuple[int, int]:
+def _image_size(value: Any, aspect: Any, rules: GenerationDefaults) -> tuple[int, int]:
     if isinstance(value, Mapping):
         unknown = set(value) - {"width", "height"}
         if unknown or not {"width", "height"} <= set(value):
@@ -273,22 +329,22 @@ def _image_size(value: Any, aspect: Any) -> tuple[int, int]:
         sides = _Fields(value)
         width = sides.integer("width", default=0, field_prefix="image_size.")
         height = sides.integer("height", default=0, field_prefix="image_size.")
-        check_dimensions(width, height, field="image_size")
+        check_dimensions(width, height, field="image_size", rules=rules.sizes)
         return width, height
     if isinstance(value, str) and value in FAL_PRESETS:
         return FAL_PRESETS[value]
     if isinstance(value, str) and value in REPLICATE_SIZE_MODES:
         name = aspect if aspect is not None else "1:1"
-        width, height = _aspect_ratio(name)
+        width, height = _aspect_ratio(name, rules.aspect_ratios)
         if value == "optimize_for_speed":
             across, down = (int(part) for part in name.strip().split(":"))
-            width, height = about_one_megapixel(across / down)
+            width, height = about_one_megapixel(across / down, multiple=rules.sizes.multiple)
         return width, height
     names = ", ".join([*FAL_PRESETS, *REPLICATE_SIZE_MODES])
     raise ValidationError("image_size", f"must be one of {names}, or {{\"width\", \"height\"}}; got {preview(value)}")
 
 
-def _image_urls(fields: _Fields) -> tuple[str, ...]:
+def _image_urls(fields: _Fields, max_images: int) -> tuple[str, ...]:
     image, images = fields.optional("image"), fields.optional("images")
     if image is not None and images is not None:
         raise ValidationError(
@@ -298,9 +354,9 @@ def _image_urls(fields: _Fields) -> tuple[str, ...]:
         return (fields.string("image", non_empty=True, max_chars=MAX_URL_CHARS),)
     if images is None:
         return ()
-    if not isinstance(images, list) or not 1 <= len(images) <= MAX_EDIT_IMAGES:
+    if not isinstance(images, list) or not 1 <= len(images) <= max_images:
         raise ValidationError(
-            "images", f"must be an array of 1 to {MAX_EDIT_IMAGES} image URLs, data URIs or base64 strings"
+            "images", f"must be an array of 1 to {max_images} image URLs, data URIs or base64 strings"
         )
     for index, item in enumerate(images):
         if not isinstance(item, str) or not item.strip():
@@ -378,6 +434,23 @@ def _seed(value: int) -> int:
             "seed", f"must be -1 (random) or an integer from 0 to {SEED_LIMIT - 1}, got {preview(value)}"
         )
     return value
+
+
+def _background(value: Any, rules: GenerationDefaults) -> Background:
+    if value is None:
+        return Background.AUTO
+    allowed = ", ".join(f'"{b.value}"' for b in Background)
+    if not isinstance(value, str):
+        raise ValidationError("background", f"must be one of {allowed}, got {json_type(value)}")
+    try:
+        background = Background(value.strip().lower())
+    except ValueError:
+        raise ValidationError("background", f"must be one of {allowed}, got {preview(value)}") from None
+    if background is Background.TRANSPARENT and not rules.alpha_output:
+        raise ValidationError(
+            "background", "transparent needs a model that draws alpha (Qwen-Image-2.1); this endpoint's model does not"
+        )
+    return background
 
 
 def _output_format(value: Any, default: OutputFormat) -> OutputFormat:

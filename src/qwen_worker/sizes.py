@@ -1,6 +1,7 @@
 """Output sizes: every size rule, the named presets other hosts use, and the plan of what a job renders.
 
-- The rules: each side ``MIN_SIDE``..``MAX_SIDE`` and a multiple of ``SIDE_MULTIPLE`` (``check_dimensions``).
+- The rules: each side ``MIN_SIDE``..``MAX_SIDE`` and a multiple of ``SIDE_MULTIPLE`` (``check_dimensions``);
+  a model with other limits passes its own ``SizeRules`` (``profiles.py``: Qwen-Image-2.1 takes 256-2752, x32).
 - ``plan_output``: the one function the worker calls to decide what the model renders and what the caller receives.
 - ``ASPECT_RATIOS``: the Qwen-Image model card's recommended resolution per aspect ratio (Replicate's
   ``optimize_for_quality``, and ``aspect_ratio`` on its own).
@@ -20,6 +21,18 @@ from .errors import ValidationError, preview
 MIN_SIDE = 256
 MAX_SIDE = 2048
 SIDE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    """Side limits of one model: each side ``min_side``..``max_side`` and a multiple of ``multiple``."""
+
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+    multiple: int = SIDE_MULTIPLE
+
+
+DEFAULT_SIZE_RULES = SizeRules()
 
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1328, 1328),
@@ -65,25 +78,25 @@ def _round_to(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
 
 
-def check_dimensions(width: int, height: int, *, field: str) -> None:
-    """Raise ValidationError naming ``field`` unless both sides are in range and multiples of SIDE_MULTIPLE."""
+def check_dimensions(width: int, height: int, *, field: str, rules: SizeRules = DEFAULT_SIZE_RULES) -> None:
+    """Raise ValidationError naming ``field`` unless both sides are in range and multiples of ``rules.multiple``."""
     for side_name, side in (("width", width), ("height", height)):
         # preview, not str(): str() of a JSON integer like 10**5000 raises ValueError (past 4300 digits), which
         # escaped as an internal error instead of naming the field.
-        if not MIN_SIDE <= side <= MAX_SIDE:
-            rule = f"{side_name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {preview(side)}"
+        if not rules.min_side <= side <= rules.max_side:
+            rule = f"{side_name} must be between {rules.min_side} and {rules.max_side} pixels, got {preview(side)}"
             raise ValidationError(field, rule)
-        if side % SIDE_MULTIPLE:
-            raise ValidationError(field, f"{side_name} must be a multiple of {SIDE_MULTIPLE}, got {preview(side)}")
+        if side % rules.multiple:
+            raise ValidationError(field, f"{side_name} must be a multiple of {rules.multiple}, got {preview(side)}")
 
 
-def nearest_allowed_side(side: int) -> int:
+def nearest_allowed_side(side: int, rules: SizeRules = DEFAULT_SIZE_RULES) -> int:
     """The side length closest to ``side`` that the rules allow."""
-    return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+    return min(rules.max_side, max(rules.min_side, round(side / rules.multiple) * rules.multiple))
 
 
-def in_range(width: int, height: int) -> bool:
-    return all(MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
+def in_range(width: int, height: int, rules: SizeRules = DEFAULT_SIZE_RULES) -> bool:
+    return all(rules.min_side <= side <= rules.max_side for side in (width, height))
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ def plan_output(
     *,
     match_input_size: bool = False,
     field: str = "image",
+    rules: SizeRules = DEFAULT_SIZE_RULES,
 ) -> OutputPlan:
     """What a job renders and delivers.
 
@@ -115,11 +129,13 @@ def plan_output(
     if reference is None:
         raise ValueError("an output plan needs a requested size or a reference image")
     ref_width, ref_height = reference
-    if match_input_size and in_range(ref_width, ref_height):
-        return OutputPlan(nearest_allowed_side(ref_width), nearest_allowed_side(ref_height), reference)
+    if match_input_size and in_range(ref_width, ref_height, rules):
+        return OutputPlan(
+            nearest_allowed_side(ref_width, rules), nearest_allowed_side(ref_height, rules), reference
+        )
     width, height = edit_output_size(ref_width, ref_height)  # ~1 MP at the input's aspect, as the model does
-    if not in_range(width, height):
-        width, height = _largest_at_aspect(ref_width, ref_height, field)
+    if not in_range(width, height, rules):
+        width, height = _largest_at_aspect(ref_width, ref_height, field, rules)
     return OutputPlan(width, height, reference if match_input_size else (width, height))
 
 
@@ -127,17 +143,17 @@ def plan_output(
 MAX_ASPECT = MAX_SIDE / MIN_SIDE
 
 
-def _largest_at_aspect(width: int, height: int, field: str) -> tuple[int, int]:
+def _largest_at_aspect(width: int, height: int, field: str, rules: SizeRules) -> tuple[int, int]:
     """A banner-shaped input (past ~4:1, where 1 MP would need a side over MAX_SIDE): the long side at MAX_SIDE and
     the short one at the input's aspect, so text on a banner keeps its proportions. Refused only when the short side
     would fall below MIN_SIDE."""
     long_side, short_side = max(width, height), min(width, height)
-    rendered_short = round(MAX_SIDE * short_side / long_side / SIDE_MULTIPLE) * SIDE_MULTIPLE
-    if rendered_short < MIN_SIDE:
-        limit = f"{MAX_ASPECT:g}"
+    rendered_short = round(rules.max_side * short_side / long_side / rules.multiple) * rules.multiple
+    if rendered_short < rules.min_side:
+        limit = f"{rules.max_side / rules.min_side:g}"
         raise ValidationError(
             field,
             f"has an aspect ratio of {long_side / short_side:.1f}:1 ({width}x{height}); edits support aspect ratios "
-            f"from 1:{limit} to {limit}:1 (sides {MIN_SIDE} to {MAX_SIDE} pixels): crop or pad the image",
+            f"from 1:{limit} to {limit}:1 (sides {rules.min_side} to {rules.max_side} pixels): crop or pad the image",
         )
-    return (MAX_SIDE, rendered_short) if width >= height else (rendered_short, MAX_SIDE)
+    return (rules.max_side, rendered_short) if width >= height else (rendered_short, rules.max_side)

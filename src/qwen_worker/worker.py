@@ -21,10 +21,11 @@ from .config import Settings
 from .errors import ContentFlaggedError, GenerationError, StorageError, WorkerError
 from .loras import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, load_image
+from .profiles import request_rules
 from .response import dry_run_quote, job_result
 from .runner import Generation, GenerationJob, PipelineRunner, ProgressCallback
 from .safety import SafetyChecker
-from .schema import OutputFormat, Request, parse_request
+from .schema import GenerationDefaults, OutputFormat, Request, Task, parse_request
 from .sizes import OutputPlan, plan_output
 from .storage import InlineStore, ResultStore
 
@@ -102,7 +103,6 @@ class Worker:
         self.progress = progress
         self.fetch_image = fetch_image
         self.encode = encode
-        self.defaults = settings.generation_defaults
         self.image_limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, settings.image_fetch_timeout_seconds
         )
@@ -129,7 +129,7 @@ class Worker:
         return result
 
     def _run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
-        request = parse_request(job.get("input"), self.defaults)
+        request = parse_request(job.get("input"), self._rules_for)
         self.runner.check_request(request)
         timings: dict[str, float] = {}
 
@@ -178,6 +178,11 @@ class Worker:
         )
         return result
 
+    def _rules_for(self, task: Task) -> GenerationDefaults:
+        """The defaults and rules of the model that serves ``task``: its card's, unless the operator set their own."""
+        profile = self.runner.profile_for(task)
+        return request_rules(profile, self.settings.default_steps, self.settings.default_true_cfg_scale)
+
     def _screen(
         self, request: Request, generation: Generation
     ) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
@@ -212,6 +217,7 @@ class Worker:
             inputs[-1].size if inputs else None,  # Edit-Plus follows the last reference image, as the model does
             match_input_size=request.match_input_size,
             field="images" if len(inputs) > 1 else "image",
+            rules=self.runner.profile_for(request.task).sizes,
         )
 
     def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:

@@ -1,0 +1,170 @@
+"""Qwen-Image-2.1 through runsync on the tiny 2.1 pipeline: text-to-image and edits (1-10 references) from one
+model, its card defaults and 2K size rules, transparent output whose alpha survives encoding and storage, and the
+research-licence gate."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from images import photo_like, to_bytes
+from PIL import Image
+from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
+
+LICENSE = "Qwen Research License"
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(to_bytes(image)).decode()
+
+
+WIDE = data_uri(photo_like(120, 80))  # 3:2
+TALL = data_uri(photo_like(80, 120, seed=2))  # 2:3
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_models, tmp_path_factory):
+    server = WorkerServer(
+        {
+            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image-2.1"]),
+            "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "true",
+            "SAFETY_CHECKER": "off",
+            "DEFAULT_STEPS": "",  # unset: the card's 40 steps apply; jobs below ask for 2 to stay quick
+        },
+        tmp_path_factory.mktemp("qwen21") / "worker.log",
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_text_to_image_carries_the_licence_and_is_flattened_without_background(worker):
+    job = {"prompt": "a red kite", "size": "256*256", "seed": 3, "num_inference_steps": 2}
+    output = completed_output(worker.runsync(job))
+    mime, data = decode_data_uri(output["image_url"])
+    image = open_image(data)
+    assert (mime, image.mode, image.size) == ("image/png", "RGB", (256, 256))
+    assert output["model"]["license"] == LICENSE
+    assert output["true_cfg_scale"] == 1.0  # the card: no true CFG
+
+
+def test_card_defaults_sizes_and_presets_in_a_dry_run(worker):
+    quote = completed_output(worker.runsync({"prompt": "a kite", "dry_run": True}))
+    assert (quote["num_inference_steps"], quote["true_cfg_scale"]) == (40, 1.0)
+    assert (quote["width"], quote["height"]) == (1024, 1024)  # the pipeline's output_resolution
+    wide = completed_output(worker.runsync({"prompt": "a kite", "aspect_ratio": "16:9", "dry_run": True}))
+    assert (wide["width"], wide["height"]) == (2752, 1536)  # the 2.1 card's native 2K preset
+    assert completed_output(worker.runsync({"prompt": "a kite", "size": "2752*1536", "dry_run": True}))["width"] == 2752
+    body = worker.runsync({"prompt": "a kite", "size": "1040*1040"})
+    assert body["status"] == "FAILED" and "multiple of 32" in body["error"], body
+
+
+def test_true_cfg_only_with_a_negative_prompt_and_then_noted(worker):
+    without = completed_output(worker.runsync({"prompt": "a kite", "true_cfg_scale": 4, "dry_run": True}))
+    assert without["true_cfg_scale"] == 1.0 and "negative_prompt" in " ".join(without["notes"])
+    negative = {"prompt": "a kite", "negative_prompt": "blurry", "true_cfg_scale": 4, "dry_run": True}
+    with_negative = completed_output(worker.runsync(negative))
+    assert with_negative["true_cfg_scale"] == 4.0 and "doubles the cost" in " ".join(with_negative["notes"])
+
+
+@pytest.mark.slow
+def test_edit_with_one_reference_follows_its_aspect(worker):
+    job = {"prompt": "make it blue", "image": WIDE, "seed": 1, "num_inference_steps": 2}
+    output = completed_output(worker.runsync(job))
+    mime, data = decode_data_uri(output["image_url"])
+    assert (mime, open_image(data).size) == ("image/jpeg", (1248, 832))
+    assert output["model"]["license"] == LICENSE
+
+
+@pytest.mark.slow
+def test_edit_with_four_references_follows_the_last(worker):
+    job = {"prompt": "all four at a table", "images": [WIDE, WIDE, WIDE, TALL], "seed": 1, "num_inference_steps": 2}
+    output = completed_output(worker.runsync({**job, "size": "256*384"}))
+    assert (output["width"], output["height"]) == (256, 384)
+    quote = completed_output(worker.runsync({**job, "dry_run": True}))
+    assert (quote["width"], quote["height"]) == (832, 1248)  # no size given: the last reference's 2:3
+    body = worker.runsync({**job, "images": [WIDE] * 11})
+    assert body["status"] == "FAILED" and "1 to 10" in body["error"], body
+
+
+def png_chunks(data: bytes) -> dict[bytes, bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks: dict[bytes, bytes] = {}
+    offset = 8
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = data[offset + 4 : offset + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[offset + 8 : offset + 8 + length]
+        offset += 12 + length
+    return chunks
+
+
+def png_alpha(data: bytes) -> np.ndarray:
+    """The alpha plane read from the PNG bytes themselves (IHDR colour type 6, 8 bits), not through Pillow."""
+    chunks = png_chunks(data)
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 6), (depth, colour)  # 8-bit RGBA
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = width * 4
+    rows, previous = [], bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for x in range(stride):
+            left = line[x - 4] if x >= 4 else 0
+            up, up_left = previous[x], previous[x - 4] if x >= 4 else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 255
+            elif kind == 4:
+                guess = left + up - up_left
+                near = min((abs(guess - left), 0), (abs(guess - up), 1), (abs(guess - up_left), 2))[1]
+                line[x] = (line[x] + (left, up, up_left)[near]) & 255
+        rows.append(bytes(line))
+        previous = line
+    return np.frombuffer(b"".join(rows), np.uint8).reshape(height, width, 4)[..., 3]
+
+
+def test_transparent_output_keeps_its_alpha_through_encoding_and_storage(worker):
+    job = {"prompt": "a sticker", "size": "256*256", "seed": 5, "num_inference_steps": 2}
+    transparent = completed_output(worker.runsync({**job, "background": "transparent"}))
+    mime, data = decode_data_uri(transparent["image_url"])
+    assert mime == "image/png" and transparent["images"][0]["content_type"] == "image/png"
+    alpha = png_alpha(data)
+    assert alpha.min() < 255  # the model's alpha, not an opaque plane
+    rgba = open_image(data)
+    assert rgba.mode == "RGBA" and np.array_equal(np.asarray(rgba)[..., 3], alpha)
+
+    # Without background the same image comes flattened over white: exactly the transparent one composited.
+    opaque = open_image(decode_data_uri(completed_output(worker.runsync(job))["image_url"])[1])
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    assert opaque.mode == "RGB" and np.array_equal(np.asarray(opaque), np.asarray(white))
+
+    webp = completed_output(worker.runsync({**job, "background": "transparent", "output_format": "webp"}))
+    mime, data = decode_data_uri(webp["image_url"])
+    decoded = Image.open(io.BytesIO(data))
+    assert mime == "image/webp" and decoded.mode == "RGBA"
+    assert np.abs(np.asarray(decoded)[..., 3].astype(int) - alpha).max() <= 1  # lossless alpha plane
+
+    body = worker.runsync({**job, "background": "transparent", "output_format": "jpeg"})
+    assert body["status"] == "FAILED" and "jpeg" in body["error"] and "png or webp" in body["error"], body
+
+
+def test_without_the_licence_variable_every_job_is_refused_naming_the_licence(tiny_models, tmp_path):
+    server = WorkerServer(
+        {"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image-2.1"]), "SAFETY_CHECKER": "off"}, tmp_path / "worker.log"
+    ).start()
+    try:
+        for payload in ({"prompt": "a kite"}, {"prompt": "a kite", "dry_run": True}):
+            body = server.runsync(payload)
+            assert body["status"] == "FAILED", body
+            for words in (LICENSE, "research and evaluation only", "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=true"):
+                assert words in body["error"], body["error"]
+    finally:
+        server.stop()
