@@ -35,6 +35,16 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    """This address space's high-water mark (VmHWM). Not getrusage's ru_maxrss: that survives exec, so a probe forked
+    from a large pytest process (gigabytes late in a full run) would report the parent's peak as its own."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def emit(record: dict) -> None:
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
@@ -77,7 +87,7 @@ def main(files: list[str]) -> None:
         {
             "pass1_rss": after_first,
             "pass2_rss": current_rss(),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": peak_rss(),
         }
     )
 
