@@ -51,6 +51,26 @@ def load_image(reference: str, limits: ImageLimits, *, field: str = "image") -> 
     return decode_image(data, limits, field=field)
 
 
+def load_mask(reference: str, limits: ImageLimits, *, field: str = "mask_image") -> Image.Image:
+    """Fetch or decode an inpainting mask and return it as a greyscale ("L") image: 255 = repaint, 0 = keep.
+
+    White is repainted and black kept, as in every inpainting API. A mask with transparency is read by its alpha
+    channel instead (opaque = repaint), as editors export a painted selection; flattening it onto white, as input
+    images are, would repaint everything.
+    """
+    data = read_image_bytes(reference, limits, field=field)
+    image = decode_image(data, limits, field=field, flatten=False)
+    try:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            alpha = image.convert("RGBA").getchannel("A")
+            low, high = alpha.getextrema()
+            if low != high:  # real transparency; a uniform alpha says nothing, so the colours decide
+                return alpha
+        return image.convert("L")
+    except (OSError, ValueError) as err:
+        raise InputImageError(f"the mask could not be read as greyscale ({err})", field) from None
+
+
 def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image") -> bytes:
     stripped = reference.strip()
     if stripped[:5].lower() == "data:":
@@ -68,9 +88,10 @@ def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image
     return _download(stripped, limits, field)
 
 
-def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image") -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image", flatten: bool = True) -> Image.Image:
+    """Decode checked bytes, upright; as RGB with alpha flattened onto white, or (``flatten=False``) in its own mode."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile until exif_transpose makes a plain Image
     except UnidentifiedImageError:
         raise InputImageError("the content is not an image Pillow can read", field) from None
     except (OSError, ValueError) as err:
@@ -88,7 +109,7 @@ def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image") -> I
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(image) if flatten else image
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputImageError(f"the image data is corrupt or truncated ({err})", field) from None
 

@@ -101,6 +101,7 @@ def plan_output(
     *,
     match_input_size: bool = False,
     field: str = "image",
+    multiple: int = 32,
 ) -> OutputPlan:
     """What a job renders and delivers.
 
@@ -108,7 +109,9 @@ def plan_output(
     size of its (last) input image; ``field`` names that input in errors. An edit renders at about 1 MP at the
     input's aspect, as the edit pipelines do; a banner past ~4:1 at the largest size the rules allow at that aspect.
     With ``match_input_size`` the model renders near the input's own size (when the rules allow it) and the result
-    is resized to the input's exact dimensions.
+    is resized to the input's exact dimensions (inpainting and outpainting always plan so, ``reference`` being the
+    input's or the grown canvas's size). ``multiple``: the ~1 MP size's rounding, 32 as the edit pipelines round
+    (image-to-image, which renders any multiple of 16, passes 16).
     """
     if requested is not None:
         return OutputPlan(requested[0], requested[1], requested)
@@ -117,7 +120,8 @@ def plan_output(
     ref_width, ref_height = reference
     if match_input_size and in_range(ref_width, ref_height):
         return OutputPlan(nearest_allowed_side(ref_width), nearest_allowed_side(ref_height), reference)
-    width, height = edit_output_size(ref_width, ref_height)  # ~1 MP at the input's aspect, as the model does
+    # ~1 MP at the input's aspect, as the model does
+    width, height = about_one_megapixel(ref_width / ref_height, multiple)
     if not in_range(width, height):
         width, height = _largest_at_aspect(ref_width, ref_height, field)
     return OutputPlan(width, height, reference if match_input_size else (width, height))
