@@ -257,3 +257,21 @@ def test_outpainting_canvas_holds_the_input_and_masks_only_the_border():
     assert (mask[0:60, 10:110] == 0).all() and (mask[:, :10] == 255).all() and (mask[60:, :] == 255).all()
     out = PasteBack(canvas)(_noise((130, 65), 5))
     assert out.crop((10, 0, 110, 60)).tobytes() == image.tobytes()
+
+
+def test_blending_only_the_masks_box_gives_what_the_whole_image_would():
+    from qwen_worker.inpainting import _feathered
+
+    original, generated = _noise((300, 200), 6), _noise((300, 200), 7)
+    mask = Image.new("L", (300, 200), 0)
+    mask.paste(255, (0, 50, 90, 120))  # touching the image's left edge
+    mask.paste(255, (200, 150, 240, 200))  # and its bottom
+    canvas = inpainting_canvas(original, mask)
+    paste = PasteBack(canvas)
+    assert paste.box != (0, 0, 300, 200)
+    weights = _feathered(np.asarray(canvas.mask) >= 128, paste.seam)[..., None]
+    before, after = np.asarray(original, np.float32), np.asarray(generated, np.float32)
+    whole = before + weights * (after - before)
+    assert (np.asarray(paste(generated)) == np.clip(np.rint(whole), 0, 255).astype(np.uint8)).all()
+    nothing = PasteBack(inpainting_canvas(original, Image.new("L", (300, 200), 0)))
+    assert nothing(generated).tobytes() == original.tobytes()

@@ -70,27 +70,47 @@ class PasteBack:
 
     The weights (how much of the generated image each pixel takes) are computed once per job: 0 outside the mask,
     rising linearly from the mask's edge to 1 at ``seam`` pixels inside it. A mask too thin to reach 1 anywhere with
-    that seam gets a narrower one, so a small repaint is never only a faded copy of the input.
+    that seam gets a narrower one, so a small repaint is never only a faded copy of the input. Only the mask's
+    bounding box (and a margin) is blended; everything else is the input image itself, which keeps a small repaint
+    of a large photo cheap.
     """
 
     def __init__(self, canvas: MaskedCanvas, seam: int | None = None) -> None:
-        self.original = np.asarray(canvas.image.convert("RGB"), dtype=np.float32)
-        repaint = np.asarray(canvas.mask) >= MASK_THRESHOLD
+        self.image = canvas.image.convert("RGB")
+        self.box = _around(canvas.mask.getbbox(), MAX_SEAM + 1, self.image.size)
+        self.original = np.asarray(self.image.crop(self.box), dtype=np.float32)
+        repaint = np.asarray(canvas.mask.crop(self.box)) >= MASK_THRESHOLD
         seam = seam_width(canvas.image.size) if seam is None else seam
         weights = _feathered(repaint, seam)
-        while seam > 1 and weights.max() < 1.0:
+        while seam > 1 and weights.size and weights.max() < 1.0:
             seam //= 2
             weights = _feathered(repaint, seam)
         self.seam = seam
         self.weights = weights[..., None]
 
     def __call__(self, generated: Image.Image) -> Image.Image:
-        if generated.size != (self.original.shape[1], self.original.shape[0]):
-            raise ValueError(f"generated image {generated.size} is not the canvas's size")
-        pixels = np.asarray(generated.convert("RGB"), dtype=np.float32)
+        if generated.size != self.image.size:
+            raise ValueError(f"generated image {generated.size} is not the canvas's size {self.image.size}")
+        result = self.image.copy()
+        if self.original.size == 0:
+            return result
+        pixels = np.asarray(generated.convert("RGB").crop(self.box), dtype=np.float32)
         # Where the weight is 0 this is original + 0 exactly: the input's own byte values.
         blended = self.original + self.weights * (pixels - self.original)
-        return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+        result.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB"), self.box[:2])
+        return result
+
+
+def _around(
+    bounds: tuple[int, int, int, int] | None, margin: int, size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``bounds`` grown by ``margin`` on every side, within the image; an empty box when there are no bounds.
+
+    The margin puts keep pixels around the repaint ones, so the box's edge rows are their true neighbours."""
+    if bounds is None:
+        return (0, 0, 0, 0)
+    left, top, right, bottom = bounds
+    return max(0, left - margin), max(0, top - margin), min(size[0], right + margin), min(size[1], bottom + margin)
 
 
 def _binarised(mask: Image.Image) -> Image.Image:
@@ -104,7 +124,7 @@ def _feathered(repaint: np.ndarray, seam: int) -> np.ndarray:
 
     Window sums come from an integral image, so the cost does not grow with the seam. The image's own border is
     padded with its edge pixels: a mask that touches the border (outpainting's) is not feathered against it."""
-    if seam < 1:
+    if seam < 1 or repaint.size == 0:
         return repaint.astype(np.float32)
     side = 2 * seam + 1
     padded = np.pad(repaint.astype(np.int32), seam, mode="edge")
