@@ -213,7 +213,8 @@ def test_from_pipe_pipelines_share_the_loaded_modules_and_are_built_at_start_up(
         assert mode is not Mode.INPAINTING or components["processor"] is source.processor
         # from_pipe casts to its dtype argument: the loaded weights must keep theirs.
         assert served.pipeline.transformer.dtype == source.transformer.dtype
-    assert runner.served(Mode.OUTPAINTING) is runner.served(Mode.OUTPAINTING)  # built once
+    # Built once: outpainting runs the very pipeline object inpainting runs.
+    assert runner.served(Mode.OUTPAINTING).pipeline is prepared[Mode.INPAINTING].pipeline
 
 
 # ----------------------------------------------------------------------------------------------------- paste-back

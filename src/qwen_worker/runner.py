@@ -138,6 +138,7 @@ class PipelineRunner:
                 raise ConfigError(f"Two pipelines configured for {loaded.task.value}")
             self._by_task[loaded.task] = loaded
         self._served: dict[Mode, ServedMode] = {}
+        self._derived: dict[tuple[str, str], Any] = {}  # (source class, derived class) -> the from_pipe pipeline
 
     def pipeline_for(self, task: Task) -> LoadedPipeline:
         loaded = self._by_task.get(task)
@@ -161,8 +162,11 @@ class PipelineRunner:
             if route.pipeline_class is None:
                 self._served[mode] = ServedMode(mode, loaded, route.source, loaded.pipeline)
             else:
-                pipeline = derive_pipeline(loaded, route.pipeline_class)
-                self._served[mode] = ServedMode(mode, loaded, route.pipeline_class, pipeline)
+                # Inpainting and outpainting run the same class on the same source: one pipeline object for both.
+                key = (route.source, route.pipeline_class)
+                if key not in self._derived:
+                    self._derived[key] = derive_pipeline(loaded, route.pipeline_class)
+                self._served[mode] = ServedMode(mode, loaded, route.pipeline_class, self._derived[key])
         return self._served[mode]
 
     def prepare_modes(self) -> list[ServedMode]:
