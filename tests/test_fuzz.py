@@ -69,7 +69,7 @@ from qwen_worker.media import encode_image
 from qwen_worker.models import ResolvedModel
 from qwen_worker.profiles import ModelProfile
 from qwen_worker.runner import Generation, GenerationJob, PipelineRunner
-from qwen_worker.schema import LoraRequest, OutputFormat, Request, Task
+from qwen_worker.schema import LoraRequest, Mode, OutputFormat, Request, Task
 from qwen_worker.storage import InlineStore
 from qwen_worker.worker import ImageFetcher, Worker
 
@@ -192,7 +192,7 @@ class StubRunner:
     def generate(self, job: GenerationJob, on_progress: Any = None) -> Generation:
         RECORD.jobs.append(job)
         check_job(job)
-        loaded = self.real.pipeline_for(job.request.task)
+        _route, loaded = self.real.route_for(job.request.mode)
         request = job.request
         return Generation(
             images=[_uniform_image(job.width, job.height) for _ in range(request.num_images)],
@@ -278,7 +278,7 @@ def check_job(job: GenerationJob) -> None:
     for side in (job.width, job.height):
         assert type(side) is int and MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0, (job.width, job.height)
     check_request_ranges(request)
-    if request.task is Task.TEXT_TO_IMAGE:
+    if request.mode is Mode.TEXT_TO_IMAGE:
         assert not job.inputs and not request.image_urls
     else:
         assert len(job.inputs) == len(request.image_urls) >= 1
@@ -374,7 +374,7 @@ def run_job(config: str, job: Any) -> dict[str, Any]:
     assert len(RECORD.jobs) == 1, RECORD.jobs
     generation_job = RECORD.jobs[0]
     request = generation_job.request
-    OUTCOMES[f"accepted: {request.task.value}"] += 1
+    OUTCOMES[f"accepted: {request.mode.value}"] += 1
     assert generation_job.inputs is not None
     if request.match_input_size:
         delivered = generation_job.inputs[-1].size

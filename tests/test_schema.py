@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen_worker.errors import ValidationError
-from qwen_worker.schema import GenerationDefaults, OutputFormat, Task, parse_request
+from qwen_worker.schema import GenerationDefaults, Mode, OutputFormat, parse_request
 
 URL = "https://example.invalid/photo.png"  # never fetched: parsing does no I/O
 
@@ -22,7 +22,7 @@ def error_of(**fields) -> str:
 
 def test_runpod_t2i_example_parses_with_documented_defaults():
     request = parse(prompt="A cat", negative_prompt="", size="1328*1328", seed=-1, enable_safety_checker=True)
-    assert request.task is Task.TEXT_TO_IMAGE
+    assert request.mode is Mode.TEXT_TO_IMAGE
     assert (request.width, request.height) == (1328, 1328)
     assert 0 <= request.seed < 2**32
     assert request.output_format is OutputFormat.PNG
@@ -39,7 +39,7 @@ def test_defaults_when_only_prompt_given():
 
 def test_image_makes_an_edit_with_jpeg_default_and_size_from_input():
     request = parse(prompt="make it blue", image=URL)
-    assert request.task is Task.EDIT
+    assert request.mode is Mode.EDIT
     assert request.image_urls == (URL,)
     assert request.output_format is OutputFormat.JPEG
     assert (request.width, request.height) == (None, None)

@@ -98,9 +98,13 @@ def build_worker(settings: Settings) -> Worker:
         settings.image_fetch_timeout_seconds,
     )
     sender = runpod_sender() if settings.report_progress else None
+    runner = PipelineRunner(loaded, device)
+    # The modes built on the loaded pipelines (image-to-image, inpainting, ...): from_pipe shares every module, so
+    # this takes milliseconds and no memory, and no mode's first job waits for it.
+    runner.prepare_modes()
     return Worker(
         settings,
-        PipelineRunner(loaded, device),
+        runner,
         store,
         loras=loras,
         safety=safety,

@@ -151,6 +151,30 @@ def load_pipeline(
     return LoadedPipeline(model, pipeline, task, multi_image, lightning, compiled_sizes, acceleration.batched_cfg)
 
 
+def derive_pipeline(loaded: LoadedPipeline, class_name: str) -> Any:
+    """A pipeline of another class built on ``loaded``'s components (``from_pipe``): the same transformer, text
+    encoder, VAE, tokenizer, scheduler and, for the edit pipelines, the image-only processor (``processor.py``):
+    the same objects, so it costs no memory, and speed options, LoRAs and scheduler swaps reach it as they reach
+    ``loaded``. Building one takes milliseconds.
+    """
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    pipeline_class = getattr(diffusers, class_name)
+    # from_pipe casts every module to its dtype argument, float32 when none is given: on the GPU that would turn the
+    # loaded bf16 weights (shared, so the loaded pipeline's too) into float32, twice the memory. Passing the dtype
+    # they already have makes the cast a no-op, which diffusers still warns about once per module: quieted here.
+    dtype = loaded.pipeline.transformer.dtype
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipeline = pipeline_class.from_pipe(loaded.pipeline, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 # The components worth timing one by one and sharing between pipelines: the large torch modules.
 MODEL_COMPONENT_NAMES = ("transformer", "text_encoder", "vae")
 

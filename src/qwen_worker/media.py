@@ -80,6 +80,26 @@ def load_image(reference: str, limits: ImageLimits, *, field: str = "image") -> 
     return decode_image(data, limits, field=field)
 
 
+def load_mask(reference: str, limits: ImageLimits, *, field: str = "mask_image") -> Image.Image:
+    """Fetch or decode an inpainting mask and return it as a greyscale ("L") image: 255 = repaint, 0 = keep.
+
+    White is repainted and black kept, as in every inpainting API. A mask with transparency is read by its alpha
+    channel instead (opaque = repaint), as editors export a painted selection; flattening it onto white, as input
+    images are, would repaint everything.
+    """
+    data = read_image_bytes(reference, limits, field=field)
+    image = decode_image(data, limits, field=field, flatten=False)
+    try:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            alpha = image.convert("RGBA").getchannel("A")
+            low, high = alpha.getextrema()
+            if low != high:  # real transparency; a uniform alpha says nothing, so the colours decide
+                return alpha
+        return image.convert("L")
+    except (OSError, ValueError) as err:
+        raise InputImageError(f"the mask could not be read as greyscale ({err})", field) from None
+
+
 def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image") -> bytes:
     stripped = reference.strip()
     if stripped[:5].lower() == "data:":
@@ -99,12 +119,13 @@ def read_image_bytes(reference: str, limits: ImageLimits, *, field: str = "image
     return _download(stripped, limits, field)
 
 
-def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image") -> Image.Image:
-    """Decode untrusted bytes into an upright RGB image, or raise ``InputImageError`` naming ``field``."""
-    return _decode(data, limits, field, not_an_image=_NOT_AN_IMAGE)
+def decode_image(data: bytes, limits: ImageLimits, *, field: str = "image", flatten: bool = True) -> Image.Image:
+    """Decode untrusted bytes into an upright image, or raise ``InputImageError`` naming ``field``: RGB with any
+    alpha flattened onto white, or (``flatten=False``, for masks read by their alpha) in the file's own mode."""
+    return _decode(data, limits, field, not_an_image=_NOT_AN_IMAGE, flatten=flatten)
 
 
-def _decode(data: bytes, limits: ImageLimits, field: str, *, not_an_image: str) -> Image.Image:
+def _decode(data: bytes, limits: ImageLimits, field: str, *, not_an_image: str, flatten: bool = True) -> Image.Image:
     with (
         _pillow_errors(field, limits, not_an_image=not_an_image),
         Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS) as image,
@@ -117,7 +138,8 @@ def _decode(data: bytes, limits: ImageLimits, field: str, *, not_an_image: str) 
                 field,
             )
         image.load()  # the current frame, which after open is the first one of an animation
-        return _to_rgb(ImageOps.exif_transpose(image))
+        upright = ImageOps.exif_transpose(image)  # a copy, so it outlives the file closed below
+        return _to_rgb(upright) if flatten else upright
 
 
 @contextlib.contextmanager

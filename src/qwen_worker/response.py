@@ -73,7 +73,7 @@ def dry_run_quote(request: Request, plan: OutputPlan, *, price_per_megapixel: fl
     """A dry run: what the job would produce and cost, with nothing generated."""
     return {
         "dry_run": True,
-        "task": request.task.value,
+        "task": request.mode.value,
         "cost": cost_of([plan.delivered] * request.num_images, price_per_megapixel),
         "width": plan.delivered[0],
         "height": plan.delivered[1],
@@ -84,5 +84,6 @@ def dry_run_quote(request: Request, plan: OutputPlan, *, price_per_megapixel: fl
         "true_cfg_scale": request.true_cfg_scale,
         "output_format": request.output_format.value,
         "prompt": request.effective_prompt,
+        **({"strength": request.strength} if request.strength is not None else {}),
         **({"notes": list(request.notes)} if request.notes else {}),
     }

@@ -1,8 +1,12 @@
-"""Running a loaded pipeline for one job: call arguments, per-job state (LoRAs, scheduler), timings and failures.
+"""Running a loaded pipeline for one job: which pipeline serves the mode, call arguments, per-job state (LoRAs,
+scheduler), timings and failures.
 
 Knows nothing of HTTP, S3 or JSON: it takes a ``GenerationJob`` (a validated ``Request``, the final sizes, decoded
 input images, local LoRA files) and returns PIL images. Per-job state is applied on entry and restored on exit, so the
 next job meets the pipeline exactly as it was loaded (``loading.py``).
+
+Modes are a table (``MODE_ROUTES``): each names the loaded pipeline it runs on and the diffusers class that runs it,
+built from the loaded one with ``from_pipe`` (the same modules, so a mode costs no memory).
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .acceleration import BatchedTrueCFG
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
-from .loading import LoadedPipeline
+from .inpainting import MaskedCanvas
+from .loading import LoadedPipeline, derive_pipeline
 from .loras import applied_loras
 from .media import flatten_alpha
 from .models import ResolvedModel
 from .profiles import DEFAULT_PROFILE, ModelProfile
-from .schema import Background, FastMode, Request, Task
+from .schema import Background, FastMode, Mode, Request, Task
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +53,76 @@ ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 @dataclass(frozen=True)
+class ModeRoute:
+    """One way to serve a mode: the loaded pipeline it runs on (its ``model_index.json`` class) and the diffusers
+    class that runs it, built from that one with ``from_pipe`` (None: the loaded pipeline itself)."""
+
+    source: str
+    pipeline_class: str | None = None
+
+
+_INPAINT_ROUTES = (
+    # A plain Qwen-Image-Edit model applies the prompt as an instruction inside the mask. The edit-inpaint pipeline
+    # encodes the single-image Edit prompt template, wrong for Edit-Plus (2509/2511) weights, so with those (or no
+    # edit model) the text-to-image inpaint pipeline serves, the prompt describing the new content.
+    ModeRoute("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"),
+    ModeRoute("QwenImagePipeline", "QwenImageInpaintPipeline"),
+)
+
+# Each mode's routes in order of preference: the first whose source pipeline is loaded serves the mode.
+MODE_ROUTES: dict[Mode, tuple[ModeRoute, ...]] = {
+    Mode.TEXT_TO_IMAGE: (ModeRoute("QwenImagePipeline"), ModeRoute("QwenImage21Pipeline")),
+    # Qwen-Image-2.1 edits too (1-10 references), after a dedicated edit model when one is configured.
+    Mode.EDIT: (
+        ModeRoute("QwenImageEditPlusPipeline"),
+        ModeRoute("QwenImageEditPipeline"),
+        ModeRoute("QwenImage21Pipeline"),
+    ),
+    Mode.IMAGE_TO_IMAGE: (ModeRoute("QwenImagePipeline", "QwenImageImg2ImgPipeline"),),
+    Mode.INPAINTING: _INPAINT_ROUTES,
+    Mode.OUTPAINTING: _INPAINT_ROUTES,  # outpainting is inpainting a grown canvas's new border
+}
+
+# When no route's source is loaded: the field that asked for the mode, and what would serve it.
+_INPAINT_MODELS = (
+    "it needs the text-to-image model (QWEN_IMAGE_MODEL) or a Qwen-Image-Edit model (QwenImageEditPipeline, not "
+    "Edit-Plus) as QWEN_IMAGE_EDIT_MODEL"
+)
+NOT_SERVED: dict[Mode, str] = {
+    Mode.TEXT_TO_IMAGE: "This endpoint does not serve text-to-image (QWEN_IMAGE_MODEL is off); send an 'image' to "
+    "edit it.",
+    Mode.EDIT: "This endpoint does not serve image editing (no QWEN_IMAGE_EDIT_MODEL is configured); send a request "
+    "without 'image' for text-to-image.",
+    Mode.IMAGE_TO_IMAGE: "This endpoint does not serve image-to-image (strength): it runs on the text-to-image model "
+    "and QWEN_IMAGE_MODEL is off; send the request without strength to edit the image.",
+    Mode.INPAINTING: f"This endpoint does not serve inpainting (mask_image): {_INPAINT_MODELS}.",
+    Mode.OUTPAINTING: f"This endpoint does not serve outpainting (expand): {_INPAINT_MODELS}.",
+}
+
+
+@dataclass(frozen=True)
+class ServedMode:
+    """A mode ready to run: the loaded pipeline it runs on (model, Lightning files, speed options) and the pipeline
+    object called, ``loaded.pipeline`` itself or one built from it."""
+
+    mode: Mode
+    loaded: LoadedPipeline
+    pipeline_class: str
+    pipeline: Any
+
+
+@dataclass(frozen=True)
 class GenerationJob:
-    """Everything one pipeline call needs, resolved by the worker: sizes are final, LoRAs are local files."""
+    """Everything one pipeline call needs, resolved by the worker: sizes are final, LoRAs are local files.
+
+    ``canvas`` is inpainting's image and mask (outpainting's grown canvas and its border), None in other modes."""
 
     request: Request
     width: int
     height: int
     inputs: Sequence[Image.Image] = ()
     loras: Sequence[tuple[Path, float]] = ()
+    canvas: MaskedCanvas | None = None
 
 
 @dataclass
@@ -70,7 +137,7 @@ class Generation:
 
 
 class PipelineRunner:
-    """Holds the loaded pipelines (at most one per task) and runs jobs on them, one at a time."""
+    """Holds the loaded pipelines (at most one per task) and the modes built on them; runs jobs, one at a time."""
 
     def __init__(self, pipelines: Sequence[LoadedPipeline], device: torch.device) -> None:
         self.device = device
@@ -84,28 +151,68 @@ class PipelineRunner:
         for loaded in pipelines:
             for task in loaded.profile.tasks:
                 self._by_task.setdefault(task, loaded)
+        self._served: dict[Mode, ServedMode] = {}
+        self._derived: dict[tuple[str, str], Any] = {}  # (source class, derived class) -> the from_pipe pipeline
 
-    def profile_for(self, task: Task) -> ModelProfile:
-        """The profile of the model serving ``task``; Qwen-Image's when none does (the request is refused later)."""
-        loaded = self._by_task.get(task)
-        return loaded.profile if loaded is not None else DEFAULT_PROFILE
+    def profile_for(self, mode: Mode) -> ModelProfile:
+        """The profile of the model serving ``mode``; Qwen-Image's when none does (the request is refused later)."""
+        try:
+            return self.route_for(mode)[1].profile
+        except TaskNotServedError:
+            return DEFAULT_PROFILE
 
     def pipeline_for(self, task: Task) -> LoadedPipeline:
         loaded = self._by_task.get(task)
         if loaded is None:
-            if task is Task.EDIT:
-                raise TaskNotServedError(
-                    "This endpoint does not serve image editing (no QWEN_IMAGE_EDIT_MODEL is configured); "
-                    "send a request without 'image' for text-to-image."
-                )
-            raise TaskNotServedError(
-                "This endpoint does not serve text-to-image (QWEN_IMAGE_MODEL is off); send an 'image' to edit it."
-            )
+            raise TaskNotServedError(NOT_SERVED[Mode.EDIT if task is Task.EDIT else Mode.TEXT_TO_IMAGE])
         return loaded
+
+    def route_for(self, mode: Mode) -> tuple[ModeRoute, LoadedPipeline]:
+        """The route that serves ``mode`` here and the loaded pipeline it runs on; TaskNotServedError if none."""
+        by_class = {loaded.model.pipeline_class: loaded for loaded in self._by_task.values()}
+        for route in MODE_ROUTES[mode]:
+            if route.source in by_class:
+                return route, by_class[route.source]
+        # A model loaded here that has no pipeline for this mode (Qwen-Image-2.1 for image-to-image, say): name it.
+        without = sorted(name for name in by_class if all(route.source != name for route in MODE_ROUTES[mode]))
+        detail = f" (this endpoint's {', '.join(without)} has no {mode.value} pipeline)" if without else ""
+        raise TaskNotServedError(NOT_SERVED[mode].rstrip(".") + detail + ".")
+
+    def served(self, mode: Mode) -> ServedMode:
+        """The pipeline that runs ``mode``, built from its loaded pipeline on first use (``prepare_modes`` builds
+        every one at start-up, so no job waits for it)."""
+        if mode not in self._served:
+            route, loaded = self.route_for(mode)
+            if route.pipeline_class is None:
+                self._served[mode] = ServedMode(mode, loaded, route.source, loaded.pipeline)
+            else:
+                # Inpainting and outpainting run the same class on the same source: one pipeline object for both.
+                key = (route.source, route.pipeline_class)
+                if key not in self._derived:
+                    self._derived[key] = derive_pipeline(loaded, route.pipeline_class)
+                self._served[mode] = ServedMode(mode, loaded, route.pipeline_class, self._derived[key])
+        return self._served[mode]
+
+    def prepare_modes(self) -> list[ServedMode]:
+        """Build every mode this endpoint can serve, once, and log what serves each and how long building took."""
+        prepared = []
+        for mode in Mode:
+            try:
+                self.route_for(mode)
+            except TaskNotServedError:
+                continue
+            started = time.perf_counter()
+            served = self.served(mode)
+            log.info(
+                "%s: %s on %s (built in %.0f ms)", mode.value, served.pipeline_class, served.loaded.model.model_id,
+                (time.perf_counter() - started) * 1000,
+            )
+            prepared.append(served)
+        return prepared
 
     def check_request(self, request: Request) -> None:
         """Refuse, before any download or GPU work, what the configured pipeline cannot do."""
-        loaded = self.pipeline_for(request.task)
+        _route, loaded = self.route_for(request.mode)
         if len(request.image_urls) > 1 and not loaded.accepts_multiple_images:
             raise ValidationError(
                 "images",
@@ -113,27 +220,28 @@ class PipelineRunner:
                 f"{loaded.model.pipeline_class}",
             )
         if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
-            variable = _lightning_variable(request.task, request.fast_mode)
+            variable = _lightning_variable(loaded.task, request.fast_mode)
             raise TaskNotServedError(
                 f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
                 f"not configured ({variable}). Send the request without go_fast/acceleration."
             )
 
     def generate(self, job: GenerationJob, on_progress: ProgressCallback | None = None) -> Generation:
-        loaded = self.pipeline_for(job.request.task)
-        call = _call_arguments(loaded, job, on_progress)
+        served = self.served(job.request.mode)
+        loaded, pipeline = served.loaded, served.pipeline
+        call = _call_arguments(served, job, on_progress)
         _note_uncompiled_size(loaded, job)
-        stages = _StageClock(loaded.pipeline.transformer)
+        stages = _StageClock(pipeline.transformer)
         with (
             _pipeline_errors(loaded, job),
-            _scheduler_for(loaded, job.request),
-            applied_loras(loaded.pipeline, _job_loras(loaded, job)),
+            _scheduler_for(pipeline, job.request),
+            applied_loras(pipeline, _job_loras(loaded, job)),
             stages,
             _batching(loaded, job.request),
             torch.inference_mode(),
         ):
-            output = loaded.pipeline(**call)
-        note = prompt_token_note(loaded.pipeline, call["prompt"], loaded.profile.max_prompt_tokens)
+            output = pipeline(**call)
+        note = prompt_token_note(pipeline, call["prompt"], loaded.profile.max_prompt_tokens)
         images = list(output.images)
         if job.request.background is not Background.TRANSPARENT:
             # Qwen-Image-2.1 always decodes RGBA; unless transparency was asked for, deliver what a viewer shows.
@@ -149,7 +257,7 @@ class PipelineRunner:
         )
 
 
-def _call_arguments(loaded: LoadedPipeline, job: GenerationJob, on_progress: ProgressCallback | None) -> dict[str, Any]:
+def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: ProgressCallback | None) -> dict[str, Any]:
     """The keyword arguments of the diffusers pipeline call for this job."""
     request = job.request
     call: dict[str, Any] = {
@@ -165,16 +273,28 @@ def _call_arguments(loaded: LoadedPipeline, job: GenerationJob, on_progress: Pro
         "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds],
         "output_type": "pil",
     }
-    if request.task is Task.EDIT:
-        call["image"] = list(job.inputs) if loaded.accepts_multiple_images else job.inputs[0]
-    sample_sigmas = loaded.pipeline.config.get("sample_sigmas")
+    sample_sigmas = served.loaded.pipeline.config.get("sample_sigmas")
     if sample_sigmas and len(sample_sigmas) != request.num_inference_steps:
         # A checkpoint whose model_index.json fixes a sigma grid (2.1 may) ignores num_inference_steps; the request's
         # steps are honoured with the pipeline's own default grid at that length.
         steps = request.num_inference_steps
         call["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
+    if request.mode is Mode.EDIT:
+        call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
+    elif request.mode is Mode.IMAGE_TO_IMAGE:
+        # The pipeline stretches its input to the output size; cropping to the output's aspect first keeps the
+        # proportions when a size of another aspect is asked for.
+        call["image"] = ImageOps.fit(job.inputs[0], (job.width, job.height), Image.Resampling.LANCZOS)
+        call["strength"] = request.strength
+    elif request.mode in (Mode.INPAINTING, Mode.OUTPAINTING):
+        if job.canvas is None:
+            raise ValueError(f"a {request.mode.value} job needs its canvas")
+        # White (255) is repainted: the diffusers convention, and the worker's masks follow it.
+        call["image"] = job.canvas.image
+        call["mask_image"] = job.canvas.mask
+        call["strength"] = request.strength
     if on_progress is not None:
-        total = request.num_inference_steps
+        total = request.denoising_steps  # with a strength, only the last part of the schedule runs
 
         def report(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             on_progress(step + 1, total)
@@ -203,9 +323,8 @@ def _batching(loaded: LoadedPipeline, request: Request) -> AbstractContextManage
 
 
 @contextmanager
-def _scheduler_for(loaded: LoadedPipeline, request: Request) -> Iterator[None]:
+def _scheduler_for(pipeline: Any, request: Request) -> Iterator[None]:
     """Swap in a job-specific scheduler when one is needed, and always put the original back."""
-    pipeline = loaded.pipeline
     original = pipeline.scheduler
     overrides: dict[str, Any] = {}
     if request.fast_mode is not FastMode.NONE:

@@ -43,6 +43,8 @@ MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
 # Stops absurd payloads early; the text encoder's window is far smaller, see runner.MAX_PROMPT_TOKENS.
 MAX_PROMPT_CHARS = 10_000
 MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
+MAX_EXPAND = 1024  # pixels added on one side when outpainting
+EXPAND_SIDES = ("left", "right", "top", "bottom")
 
 _SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*\*\s*(\d{1,6})\s*$")
 
@@ -52,8 +54,38 @@ MAGIC_SUFFIX_ZH = ", 超清，4K，电影级构图."
 
 
 class Task(str, enum.Enum):
+    """The kind of a loaded pipeline (the operator's side): text-to-image or edit. A request asks for a ``Mode``."""
+
     TEXT_TO_IMAGE = "text-to-image"
     EDIT = "edit"
+
+
+class Mode(str, enum.Enum):
+    """What a request asks for, decided once by ``parse_request`` from the fields present (``MODE_RULE``).
+
+    Layer decomposition (``layers``) and ControlNet (``control_image``) are the rule's other two rungs, for when they
+    are served; their fields are unknown to the schema until then.
+    """
+
+    TEXT_TO_IMAGE = "text-to-image"
+    EDIT = "edit"
+    IMAGE_TO_IMAGE = "image-to-image"
+    INPAINTING = "inpainting"
+    OUTPAINTING = "outpainting"
+
+    @property
+    def keeps_input_size(self) -> bool:
+        """Inpainting returns the input's dimensions and outpainting the grown canvas: no size may be requested."""
+        return self in (Mode.INPAINTING, Mode.OUTPAINTING)
+
+
+# The mode rule, first match wins: (the field that selects the mode, the mode). The README states it in one sentence.
+# When layers and control_image are served they take their places: layers first, control_image after strength.
+MODE_RULE: tuple[tuple[str, Mode], ...] = (
+    ("mask_image", Mode.INPAINTING),
+    ("expand", Mode.OUTPAINTING),
+    ("strength", Mode.IMAGE_TO_IMAGE),
+)
 
 
 class OutputFormat(str, enum.Enum):
@@ -97,6 +129,19 @@ class Background(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Expand:
+    """Outpainting: pixels added on each side of the input image."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    def grown(self, width: int, height: int) -> tuple[int, int]:
+        return width + self.left + self.right, height + self.top + self.bottom
+
+
+@dataclass(frozen=True)
 class GenerationDefaults:
     """What a request is parsed against: the defaults it may override and the rules of the model that serves it.
 
@@ -116,9 +161,9 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class Request:
-    """A validated job. ``width``/``height`` are None for an edit whose size follows its (last) input image."""
+    """A validated job. ``width``/``height`` are None when the size follows the (last) input image."""
 
-    task: Task
+    mode: Mode
     prompt: str  # as sent; see ``effective_prompt`` for what the model reads
     negative_prompt: str
     width: int | None
@@ -138,7 +183,18 @@ class Request:
     enhance_prompt: bool = False
     sync_mode: bool = False
     dry_run: bool = False
+    strength: float | None = None  # image-to-image, inpainting and outpainting: how much of the input is re-noised
+    mask_url: str | None = None  # inpainting
+    expand: Expand | None = None  # outpainting
+    preserve_unmasked: bool = True  # inpainting and outpainting: paste the input back outside the mask
     notes: tuple[str, ...] = ()  # what the worker changed or ignored, reported back in the result
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps the pipeline really runs: with a strength, only the last part of the schedule."""
+        if self.strength is None:
+            return self.num_inference_steps
+        return denoising_steps(self.num_inference_steps, self.strength)
 
     @property
     def seeds(self) -> list[int]:
@@ -155,40 +211,51 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "true_cfg_scale": ("true_cfg_scale", "guidance", "guidance_scale"),
     "num_images": ("num_images", "n"),
     "enhance_prompt": ("enhance_prompt", "prompt_extend"),
+    "mask_image": ("mask_image", "mask", "mask_url"),
 }
 _FIELDS = frozenset(
     {
         "prompt", "negative_prompt", "size", "width", "height", "aspect_ratio", "image_size", "seed",
         "num_inference_steps", "enable_safety_checker", "disable_safety_checker", "image", "images",
         "output_format", "output_quality", "match_input_size", "loras", "lora_weights", "lora_scale", "go_fast",
-        "acceleration", "sync_mode", "watermark", "dry_run", "background",
+        "acceleration", "sync_mode", "watermark", "dry_run", "background", "strength", "expand", "preserve_unmasked",
     }
     | {alias for names in _ALIASES.values() for alias in names}
 )
 
 
 def parse_request(
-    raw: Any, defaults: GenerationDefaults | Callable[[Task], GenerationDefaults] = GenerationDefaults()
+    raw: Any, defaults: GenerationDefaults | Callable[[Mode], GenerationDefaults] = GenerationDefaults()
 ) -> Request:
     """Validate a job's ``input`` and return the typed request, or raise ``ValidationError`` naming the field.
 
-    ``defaults`` may be a function of the task: the model that serves a request (and so its rules) depends on it."""
+    ``defaults`` may be a function of the mode: the model that serves a request (and so its rules) depends on it."""
     if not isinstance(raw, Mapping):
         raise ValidationError("input", f"must be a JSON object, got {json_type(raw)}")
     _reject_unknown_fields(raw)
     fields = _Fields(raw)
     notes: list[str] = []
 
-    has_images = fields.optional("image") is not None or fields.optional("images") is not None
-    task = Task.EDIT if has_images else Task.TEXT_TO_IMAGE
-    rules = defaults(task) if callable(defaults) else defaults
+    # The mode first (it decides which model serves the request, and so its rules), from the images' presence and
+    # count alone; the images themselves are validated against that model's rules below.
+    mode = _mode(fields, _image_count(fields))
+    rules = defaults(mode) if callable(defaults) else defaults
     image_urls = _image_urls(fields, rules.max_images)
-    width, height = _size(fields, rules, default=None if task is Task.EDIT else (1024, 1024))
+    if mode.keeps_input_size:
+        _refuse_size_forms(fields, mode)
+    width, height = _size(fields, rules, default=(1024, 1024) if mode is Mode.TEXT_TO_IMAGE else None)
     match_input_size = fields.boolean("match_input_size", default=False)
-    if match_input_size and task is not Task.EDIT:
-        raise ValidationError("match_input_size", "applies only to edits (requests with 'image' or 'images')")
+    if match_input_size and mode is Mode.TEXT_TO_IMAGE:
+        raise ValidationError(
+            "match_input_size", "applies only to edits and image-to-image (requests with 'image' or 'images')"
+        )
     if match_input_size and width is not None:
         raise ValidationError("match_input_size", "cannot be combined with an explicit size")
+    preserve_unmasked = fields.boolean("preserve_unmasked", default=None)
+    if preserve_unmasked is not None and not mode.keeps_input_size:
+        raise ValidationError(
+            "preserve_unmasked", "applies only to inpainting (with mask_image) and outpainting (with expand)"
+        )
 
     fast_mode = _fast_mode(fields)
     steps = fields.integer("num_inference_steps", default=None, low=1, high=MAX_STEPS)
@@ -203,9 +270,24 @@ def parse_request(
             notes.append(f"fast mode ({fast_mode.value}) runs without true CFG; true_cfg_scale {cfg:g} ignored")
         steps, cfg = fast_mode.steps, 1.0
 
+    steps = steps if steps is not None else rules.num_inference_steps
+    strength = _strength(fields, mode)
+    if strength is not None:
+        # The pipelines run only the last strength x steps of the schedule; none at all is refused here, never
+        # left to the pipeline's ValueError.
+        steps_run, total = denoising_steps(steps, strength), steps
+        if steps_run < 1:
+            raise ValidationError(
+                "strength",
+                f"{strength:g} leaves no denoising step at {total} steps: use a strength of at least {1 / total:.3g}",
+            )
+        if steps_run < total:
+            notes.append(f"strength {strength:g} runs the last {steps_run} of {total} steps")
+
     background = _background(fields.optional("background"), rules)
-    # A transparent result needs a format with alpha: PNG unless WebP is asked for.
-    default_format = OutputFormat.JPEG if task is Task.EDIT else OutputFormat.PNG
+    # Runpod's edit endpoint answers jpeg; the other modes keep every pixel the pipeline (and the input) gave, and a
+    # transparent result needs a format with alpha: PNG unless WebP is asked for.
+    default_format = OutputFormat.JPEG if mode is Mode.EDIT else OutputFormat.PNG
     if background is Background.TRANSPARENT:
         default_format = OutputFormat.PNG
     output_format = _output_format(fields.optional("output_format"), default_format)
@@ -234,13 +316,13 @@ def parse_request(
             true_cfg_scale = 1.0
 
     return Request(
-        task=task,
+        mode=mode,
         prompt=fields.string("prompt", required=True, non_empty=True),
         negative_prompt=negative_prompt,
         width=width,
         height=height,
         seed=_seed(fields.integer("seed", default=-1)),
-        num_inference_steps=steps if steps is not None else rules.num_inference_steps,
+        num_inference_steps=steps,
         true_cfg_scale=true_cfg_scale,
         enable_safety_checker=_safety_checker(fields),
         output_format=output_format,
@@ -254,8 +336,20 @@ def parse_request(
         enhance_prompt=fields.aliased_boolean("enhance_prompt", default=False),
         sync_mode=fields.boolean("sync_mode", default=False),
         dry_run=fields.boolean("dry_run", default=False),
+        strength=strength,
+        mask_url=fields.aliased_url("mask_image") if mode is Mode.INPAINTING else None,
+        expand=_expand(fields) if mode is Mode.OUTPAINTING else None,
+        preserve_unmasked=preserve_unmasked if preserve_unmasked is not None else True,
         notes=tuple(notes),
     )
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """The steps a diffusers image-to-image or inpaint pipeline runs at ``strength``: its ``get_timesteps``, mirrored
+    (the same float arithmetic), so the count is known, and a strength that leaves none refused, before any work."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    t_start = int(max(num_inference_steps - init_timestep, 0))
+    return num_inference_steps - t_start
 
 
 def parse_size(value: Any, rules: SizeRules = DEFAULT_SIZE_RULES) -> tuple[int, int]:
@@ -284,17 +378,7 @@ def _size(fields: _Fields, rules: GenerationDefaults, default: tuple[int, int] |
     Replicate's image_size modes may take an aspect_ratio beside them."""
     size, width, height = fields.optional("size"), fields.optional("width"), fields.optional("height")
     aspect, image_size = fields.optional("aspect_ratio"), fields.optional("image_size")
-    replicate_mode = isinstance(image_size, str) and image_size in REPLICATE_SIZE_MODES
-    forms = [
-        name
-        for name, present in (
-            ("size", size is not None),
-            ("width/height", width is not None or height is not None),
-            ("aspect_ratio", aspect is not None and not replicate_mode),
-            ("image_size", image_size is not None),
-        )
-        if present
-    ]
+    forms = _size_forms(fields)
     if len(forms) > 1:
         raise ValidationError(
             forms[1].split("/")[0], f"cannot be combined with {forms[0]}: give the size in one form only"
@@ -313,6 +397,96 @@ def _size(fields: _Fields, rules: GenerationDefaults, default: tuple[int, int] |
     if aspect is not None:
         return _aspect_ratio(aspect, rules.aspect_ratios)
     return default if default is not None else (None, None)
+
+
+def _size_forms(fields: _Fields) -> list[str]:
+    """The size forms a request gives, in the order the README lists them."""
+    image_size = fields.optional("image_size")
+    replicate_mode = isinstance(image_size, str) and image_size in REPLICATE_SIZE_MODES
+    return [
+        name
+        for name, present in (
+            ("size", fields.optional("size") is not None),
+            ("width/height", fields.optional("width") is not None or fields.optional("height") is not None),
+            ("aspect_ratio", fields.optional("aspect_ratio") is not None and not replicate_mode),
+            ("image_size", image_size is not None),
+        )
+        if present
+    ]
+
+
+def _image_count(fields: _Fields) -> int:
+    """How many input images the request gives (0, 1 or the length of ``images``), before they are validated."""
+    images = fields.optional("images")
+    if fields.optional("image") is not None:
+        return 1
+    if isinstance(images, list):
+        return len(images)
+    return 0 if images is None else 1
+
+
+def _mode(fields: _Fields, image_count: int) -> Mode:
+    """The mode rule (``MODE_RULE``), and the fields another mode owns refused, each naming what would serve it."""
+    selected = [(name, mode) for name, mode in MODE_RULE if _given_name(fields, name) is not None]
+    if not selected:
+        return Mode.EDIT if image_count else Mode.TEXT_TO_IMAGE
+    name, mode = selected[0]
+    given = _given_name(fields, name) or name
+    if not image_count:
+        raise ValidationError(given, f"needs the input image ('image') for {mode.value}")
+    if image_count > 1:
+        raise ValidationError(
+            "images",
+            f"with several images is for Edit-Plus edits; {mode.value} takes one input image: send it as 'image'",
+        )
+    if mode is Mode.INPAINTING and fields.optional("expand") is not None:
+        raise ValidationError(
+            "expand", f"cannot be combined with {given}: outpainting builds its own mask from expand; send one of them"
+        )
+    return mode
+
+
+def _given_name(fields: _Fields, canonical: str) -> str | None:
+    """The name under which a field (or one of its aliases) was given, or None."""
+    for name in _ALIASES.get(canonical, (canonical,)):
+        if fields.optional(name) is not None:
+            return name
+    return None
+
+
+def _refuse_size_forms(fields: _Fields, mode: Mode) -> None:
+    forms = _size_forms(fields)
+    if not forms:
+        return
+    selector = _given_name(fields, "mask_image") if mode is Mode.INPAINTING else "expand"
+    returns = "the input image's own dimensions" if mode is Mode.INPAINTING else "the input grown by expand"
+    raise ValidationError(forms[0].split("/")[0], f"cannot be combined with {selector}: {mode.value} returns {returns}")
+
+
+def _strength(fields: _Fields, mode: Mode) -> float | None:
+    """Image-to-image's strength (it selects the mode); inpainting and outpainting default to 1 (full repaint)."""
+    if mode not in (Mode.IMAGE_TO_IMAGE, Mode.INPAINTING, Mode.OUTPAINTING):
+        return None  # only reachable without the field: strength selects image-to-image
+    value = fields.number("strength", default=None, low=0.0, high=1.0)
+    if value is None:
+        return 1.0
+    if value == 0.0:
+        raise ValidationError("strength", "must be greater than 0 (0 would leave the input unchanged), got 0")
+    return value
+
+
+def _expand(fields: _Fields) -> Expand:
+    value = fields.optional("expand")
+    rule = f'must be an object {{"left", "right", "top", "bottom"}} of pixels, each 0 to {MAX_EXPAND}'
+    if not isinstance(value, Mapping) or not value or not set(value) <= set(EXPAND_SIDES):
+        raise ValidationError("expand", rule)
+    sides = _Fields(value)
+    amounts = {
+        side: sides.integer(side, default=0, low=0, high=MAX_EXPAND, field_prefix="expand.") for side in EXPAND_SIDES
+    }
+    if not any(amounts.values()):
+        raise ValidationError("expand", "must add at least one pixel on one side")
+    return Expand(**amounts)
 
 
 def _aspect_ratio(value: Any, presets: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
@@ -592,6 +766,16 @@ class _Fields:
     def aliased_boolean(self, canonical: str, *, default: bool) -> bool:
         return self._aliased(canonical, lambda name: self.boolean(name, default=None), default)
 
+    def aliased_url(self, canonical: str) -> str | None:
+        """An image URL or data URI that hosts name differently (a mask: mask_image, mask, mask_url)."""
+
+        def read(name: str) -> str | None:
+            if self.optional(name) is None:
+                return None
+            return self.string(name, non_empty=True, max_chars=MAX_URL_CHARS)
+
+        return self._aliased(canonical, read, None)
+
     def _aliased(self, canonical: str, read: Callable[[str], _T | None], default: _T) -> _T:
         """Read a field that several hosts name differently; the names given must agree."""
         given: list[tuple[str, _T]] = []
@@ -602,7 +786,7 @@ class _Fields:
         for name, value in given[1:]:
             if value != given[0][1]:
                 first_name, first_value = given[0]
-                rule = f"contradicts {first_name} ({first_value!r} vs {value!r}): give one of them"
+                rule = f"contradicts {first_name} ({preview(first_value)} vs {preview(value)}): give one of them"
                 raise ValidationError(name, rule)
         return given[0][1] if given else default
 

@@ -115,6 +115,7 @@ def plan_output(
     match_input_size: bool = False,
     field: str = "image",
     rules: SizeRules = DEFAULT_SIZE_RULES,
+    multiple: int = 32,
 ) -> OutputPlan:
     """What a job renders and delivers.
 
@@ -122,7 +123,9 @@ def plan_output(
     size of its (last) input image; ``field`` names that input in errors. An edit renders at about 1 MP at the
     input's aspect, as the edit pipelines do; a banner past ~4:1 at the largest size the rules allow at that aspect.
     With ``match_input_size`` the model renders near the input's own size (when the rules allow it) and the result
-    is resized to the input's exact dimensions.
+    is resized to the input's exact dimensions (inpainting and outpainting always plan so, ``reference`` being the
+    input's or the grown canvas's size). ``multiple``: the ~1 MP size's rounding, 32 as the edit pipelines round
+    (image-to-image, which renders any multiple of 16, passes 16).
     """
     if requested is not None:
         return OutputPlan(requested[0], requested[1], requested)
@@ -133,7 +136,8 @@ def plan_output(
         return OutputPlan(
             nearest_allowed_side(ref_width, rules), nearest_allowed_side(ref_height, rules), reference
         )
-    width, height = edit_output_size(ref_width, ref_height)  # ~1 MP at the input's aspect, as the model does
+    # ~1 MP at the input's aspect, as the model does
+    width, height = about_one_megapixel(ref_width / ref_height, max(multiple, rules.multiple))
     if not in_range(width, height, rules):
         width, height = _largest_at_aspect(ref_width, ref_height, field, rules)
     return OutputPlan(width, height, reference if match_input_size else (width, height))

@@ -18,14 +18,15 @@ from typing import Any, Protocol
 from PIL import Image
 
 from .config import Settings
-from .errors import ContentFlaggedError, GenerationError, StorageError, WorkerError
+from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
+from .inpainting import MaskedCanvas, PasteBack, inpainting_canvas, outpainting_canvas
 from .loras import LoraStore
-from .media import EncodedImage, ImageLimits, encode_image, load_image
+from .media import EncodedImage, ImageLimits, encode_image, load_image, load_mask
 from .profiles import request_rules
 from .response import dry_run_quote, job_result
-from .runner import Generation, GenerationJob, PipelineRunner, ProgressCallback
+from .runner import GenerationJob, PipelineRunner, ProgressCallback
 from .safety import SafetyChecker
-from .schema import GenerationDefaults, OutputFormat, Request, Task, parse_request
+from .schema import GenerationDefaults, Mode, OutputFormat, Request, parse_request
 from .sizes import OutputPlan, plan_output
 from .storage import InlineStore, ResultStore
 
@@ -78,7 +79,8 @@ def _no_progress(job: Mapping[str, Any]) -> ProgressCallback | None:
 class Worker:
     """Runs jobs, one at a time, on the pipelines, store and policies ``app.py`` built.
 
-    ``fetch_image``, ``encode`` and ``progress`` are seams: tests pass stand-ins instead of patching module globals.
+    ``fetch_image``, ``fetch_mask``, ``encode`` and ``progress`` are seams: tests pass stand-ins instead of patching
+    module globals.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class Worker:
         safety: SafetyPolicy | None = None,
         progress: Callable[[Mapping[str, Any]], ProgressCallback | None] = _no_progress,
         fetch_image: ImageFetcher = load_image,
+        fetch_mask: ImageFetcher = load_mask,
         encode: ImageEncoder = encode_image,
     ) -> None:
         self.settings = settings
@@ -102,6 +105,7 @@ class Worker:
         self.safety = safety or SafetyPolicy(checker=None, mode="off")
         self.progress = progress
         self.fetch_image = fetch_image
+        self.fetch_mask = fetch_mask
         self.encode = encode
         self.image_limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, settings.image_fetch_timeout_seconds
@@ -135,7 +139,8 @@ class Worker:
 
         with _timed(timings, "fetch_inputs"):
             inputs = self._fetch_inputs(request)
-        plan = self._plan_output(request, inputs)
+            canvas = self._canvas(request, inputs)
+        plan = self._plan_output(request, inputs, canvas)
         if request.dry_run:
             return dry_run_quote(request, plan, price_per_megapixel=self.settings.price_per_megapixel)
         if inputs and self.safety.check_inputs and self.safety.applies_to(request):
@@ -145,16 +150,15 @@ class Worker:
             loras = self._resolve_loras(request)
 
         generation = self.runner.generate(
-            GenerationJob(request, plan.width, plan.height, inputs, loras), self.progress(job)
+            GenerationJob(request, plan.width, plan.height, inputs, loras, canvas), self.progress(job)
         )
         timings.update(generation.timings_ms)
+        with _timed(timings, "finish"):
+            images = self._finish(request, generation.images, plan, canvas)
         with _timed(timings, "safety"):
-            delivered, flags = self._screen(request, generation)
+            delivered, flags = self._screen(request, images)
         with _timed(timings, "encode_image"):
-            encoded = [
-                self.encode(_resized(image, plan.delivered), request.output_format, request.output_quality)
-                for _, image in delivered
-            ]
+            encoded = [self.encode(image, request.output_format, request.output_quality) for _, image in delivered]
         with _timed(timings, "upload"):
             urls, warning = self._store(job_id, encoded, inline=request.sync_mode)
 
@@ -173,26 +177,37 @@ class Worker:
             result["warning"] = warning
         log.info(
             "job %s: %s %dx%d x%d seed=%d steps=%d timings_ms=%s",
-            job_id, request.task.value, encoded[0].width, encoded[0].height, len(encoded), request.seed,
+            job_id, request.mode.value, encoded[0].width, encoded[0].height, len(encoded), request.seed,
             generation.num_inference_steps, result["timings"],
         )
         return result
 
-    def _rules_for(self, task: Task) -> GenerationDefaults:
-        """The defaults and rules of the model that serves ``task``: its card's, unless the operator set their own."""
-        profile = self.runner.profile_for(task)
+    def _rules_for(self, mode: Mode) -> GenerationDefaults:
+        """The defaults and rules of the model that serves ``mode``: its card's, unless the operator set their own."""
+        profile = self.runner.profile_for(mode)
         return request_rules(profile, self.settings.default_steps, self.settings.default_true_cfg_scale)
 
+    def _finish(
+        self, request: Request, images: Sequence[Image.Image], plan: OutputPlan, canvas: MaskedCanvas | None
+    ) -> list[Image.Image]:
+        """The images as delivered: at the delivered size and, when inpainting or outpainting with
+        ``preserve_unmasked``, with the input pasted back outside the mask (``inpainting.PasteBack``)."""
+        resized = [_resized(image, plan.delivered) for image in images]
+        if canvas is None or not request.preserve_unmasked:
+            return resized
+        paste_back = PasteBack(canvas)
+        return [paste_back(image) for image in resized]
+
     def _screen(
-        self, request: Request, generation: Generation
+        self, request: Request, images: Sequence[Image.Image]
     ) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
         """The (seed, image) pairs that may be delivered, and the per-image flags when the checker ran.
 
         Flagged images are dropped here, before encoding, so they are never stored or returned."""
-        pairs = list(zip(request.seeds, generation.images, strict=True))
+        pairs = list(zip(request.seeds, images, strict=True))
         if not self.safety.applies_to(request):
             return pairs, None
-        flags = self.safety.check(generation.images)
+        flags = self.safety.check(images)
         if all(flags):
             raise ContentFlaggedError(
                 FLAGGED_MESSAGE
@@ -208,16 +223,41 @@ class Worker:
             for index, url in enumerate(request.image_urls)
         ]
 
-    def _plan_output(self, request: Request, inputs: Sequence[Image.Image]) -> OutputPlan:
+    def _canvas(self, request: Request, inputs: Sequence[Image.Image]) -> MaskedCanvas | None:
+        """Inpainting's image and mask, or outpainting's grown canvas and border; None in the other modes."""
+        if request.mode is Mode.INPAINTING and request.mask_url is not None:
+            mask = self.fetch_mask(request.mask_url, self.image_limits, field="mask_image")
+            canvas = inpainting_canvas(inputs[0], mask)
+            if canvas.mask.getbbox() is None:  # binarised: no pixel at or above the threshold
+                raise ValidationError("mask_image", "is black everywhere: nothing to repaint (white = repaint)")
+            return canvas
+        if request.mode is Mode.OUTPAINTING and request.expand is not None:
+            width, height = request.expand.grown(*inputs[0].size)
+            if width * height > self.image_limits.max_pixels:
+                raise ValidationError(
+                    "expand",
+                    f"grows the image to {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{self.image_limits.max_pixels} (MAX_IMAGE_PIXELS)",
+                )
+            return outpainting_canvas(inputs[0], request.expand)
+        return None
+
+    def _plan_output(
+        self, request: Request, inputs: Sequence[Image.Image], canvas: MaskedCanvas | None
+    ) -> OutputPlan:
         requested = None
         if request.width is not None and request.height is not None:
             requested = (request.width, request.height)
+        # Inpainting returns the input's dimensions and outpainting the grown canvas's: planned as match_input_size
+        # plans an edit, on the canvas. Edit-Plus follows the last reference image, as the model does.
+        reference = canvas.image.size if canvas is not None else inputs[-1].size if inputs else None
         return plan_output(
             requested,
-            inputs[-1].size if inputs else None,  # Edit-Plus follows the last reference image, as the model does
-            match_input_size=request.match_input_size,
+            reference,
+            match_input_size=request.match_input_size or request.mode.keeps_input_size,
             field="images" if len(inputs) > 1 else "image",
-            rules=self.runner.profile_for(request.task).sizes,
+            rules=self.runner.profile_for(request.mode).sizes,
+            multiple=16 if request.mode is Mode.IMAGE_TO_IMAGE else 32,
         )
 
     def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:
