@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from images import photo_like, to_bytes
 from PIL import Image
+from support.images import photo_like, to_bytes
+from support.responses import completed_output, decode_data_uri, open_image
 from test_api_breadth import ProgressReceiver
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
 
 
 def data_uri(image: Image.Image) -> str:
@@ -36,25 +36,19 @@ def progress_receiver():
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, progress_receiver, tmp_path_factory):
+def worker(tiny_models, progress_receiver, tmp_path_factory, start_worker):
     from diffusers import QwenImageTransformer2DModel
-    from lora_files import random_pairs, write_diffusers
+    from support.lora_files import random_pairs, write_diffusers
 
     lightning = tmp_path_factory.mktemp("modes-loras") / "lightning-8step.safetensors"
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_models["qwen-image"] / "transformer")
     write_diffusers(lightning, random_pairs(transformer, seed=2))
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit-plus"]),
-            "SAFETY_CHECKER_MODEL": str(tiny_models["safety-checker"]),
-            "LIGHTNING_LORA": str(lightning),
-            "RUNPOD_WEBHOOK_POST_OUTPUT": progress_receiver.url_template,
-        },
-        tmp_path_factory.mktemp("modes") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+    with start_worker(
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]),
+        LIGHTNING_LORA=str(lightning),
+        RUNPOD_WEBHOOK_POST_OUTPUT=progress_receiver.url_template,
+    ) as server:
+        yield server
 
 
 def pixels(output: dict, index: int = 0) -> np.ndarray:
@@ -149,17 +143,11 @@ def test_contradictions_fail_clearly_through_runsync(worker, fields, message):
 
 
 @pytest.fixture(scope="module")
-def edit_worker(tiny_models, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": "none",
-            "QWEN_IMAGE_EDIT_MODEL": str(tiny_models["qwen-image-edit"]),
-            "SAFETY_CHECKER": "off",
-        },
-        tmp_path_factory.mktemp("modes-edit") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def edit_worker(tiny_models, start_worker):
+    with start_worker(
+        QWEN_IMAGE_MODEL="none", QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit"]), SAFETY_CHECKER="off"
+    ) as server:
+        yield server
 
 
 @pytest.mark.slow
