@@ -81,11 +81,15 @@ class Settings:
     lora_cache_dir: Path = Path("/tmp/qwen-worker/loras")
     lora_cache_max_bytes: int = 20 * 1000**3
     lora_max_bytes: int = 2 * 1000**3
+    # Prepared (read, parsed, converted) LoRAs kept in host memory by content hash; 0 = prepare every job's files.
+    lora_memory_cache_bytes: int = 8 * 1000**3
     # Lightning fast mode: the distillation LoRAs, per task (8-step and 4-step files). None = not installed.
     lightning_lora: Path | None = None
     lightning_lora_4step: Path | None = None
     lightning_edit_lora: Path | None = None
     lightning_edit_lora_4step: Path | None = None
+    # Merge the one Lightning file into the transformer at start-up: a fast-only endpoint at plain-job speed.
+    lightning_fuse: bool = False
 
     # Safety checker policy: "on" obeys each request, "always" checks every image, "off" loads nothing.
     safety_checker: str = "on"
@@ -138,10 +142,14 @@ class Settings:
                 "LORA_CACHE_MAX_BYTES", default.lora_cache_max_bytes, low=1, high=1 << 50
             ),
             lora_max_bytes=reader.integer("LORA_MAX_BYTES", default.lora_max_bytes, low=1, high=1 << 40),
+            lora_memory_cache_bytes=reader.integer(
+                "LORA_MEMORY_CACHE_BYTES", default.lora_memory_cache_bytes, low=0, high=1 << 44
+            ),
             lightning_lora=reader.path("LIGHTNING_LORA", default.lightning_lora),
             lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),
             lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA", default.lightning_edit_lora),
             lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP", default.lightning_edit_lora_4step),
+            lightning_fuse=reader.boolean("LIGHTNING_FUSE", default.lightning_fuse),
             safety_checker=reader.choice("SAFETY_CHECKER", default.safety_checker, ("on", "always", "off")),
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or default.safety_checker_model,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", default.safety_check_inputs),

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from .acceleration import BatchedTrueCFG
+from .adapters import fast_transformer
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .loading import LoadedPipeline
-from .loras import applied_loras
+from .loras import PreparedLoraCache, applied_loras
 from .models import ResolvedModel
 from .schema import FastMode, Request, Task
 
@@ -68,8 +69,14 @@ class Generation:
 class PipelineRunner:
     """Holds the loaded pipelines (at most one per task) and runs jobs on them, one at a time."""
 
-    def __init__(self, pipelines: Sequence[LoadedPipeline], device: torch.device) -> None:
+    def __init__(
+        self,
+        pipelines: Sequence[LoadedPipeline],
+        device: torch.device,
+        lora_cache: PreparedLoraCache | None = None,
+    ) -> None:
         self.device = device
+        self.lora_cache = lora_cache
         self._by_task: dict[Task, LoadedPipeline] = {}
         for loaded in pipelines:
             if loaded.task in self._by_task:
@@ -98,7 +105,13 @@ class PipelineRunner:
                 f"with several images needs an Edit-Plus model (2509/2511); this endpoint serves "
                 f"{loaded.model.pipeline_class}",
             )
-        if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
+        if loaded.fast.fused is not None and request.fast_mode is not loaded.fast.fused:
+            raise TaskNotServedError(
+                f"This endpoint serves only fast mode ({loaded.fast.fused.value}) for {request.task.value}: its "
+                "Lightning LoRA is fused into the model (LIGHTNING_FUSE=true). Send the request with "
+                + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".')
+            )
+        if not loaded.fast.serves(request.fast_mode):
             variable = _lightning_variable(request.task, request.fast_mode)
             raise TaskNotServedError(
                 f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
@@ -109,11 +122,14 @@ class PipelineRunner:
         loaded = self.pipeline_for(job.request.task)
         call = _call_arguments(loaded, job, on_progress)
         _note_uncompiled_size(loaded, job)
-        stages = _StageClock(loaded.pipeline.transformer)
+        stages = _StageClock(loaded.pipeline)
         with (
             _pipeline_errors(loaded, job),
             _scheduler_for(loaded, job.request),
-            applied_loras(loaded.pipeline, _job_loras(loaded, job)),
+            # The transformer tree of the job's mode (adapters.py) first: the LoRAs, the clock's hooks and batching
+            # attach to the tree that runs.
+            fast_transformer(loaded.pipeline, loaded.fast, job.request.fast_mode),
+            applied_loras(loaded.pipeline, job.loras, self.lora_cache),
             stages,
             _batching(loaded, job.request),
             torch.inference_mode(),
@@ -163,12 +179,6 @@ def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
     if loaded.compiled_sizes is not None and (job.width, job.height) not in loaded.compiled_sizes:
         loaded.compiled_sizes.add((job.width, job.height))
         log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
-
-
-def _job_loras(loaded: LoadedPipeline, job: GenerationJob) -> list[tuple[Path, float]]:
-    """The request's LoRAs, after the Lightning LoRA when fast mode is on."""
-    lightning = loaded.lightning.for_mode(job.request.fast_mode)
-    return ([(lightning, 1.0)] if lightning is not None else []) + list(job.loras)
 
 
 def _batching(loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
@@ -231,17 +241,18 @@ class _StageClock:
     are copied to time them. Hooks are removed when the call ends.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        self.transformer = transformer
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
         self.first_forward: float | None = None
         self.last_forward: float | None = None
         self.started = self.ended = 0.0
 
     def __enter__(self) -> _StageClock:
         self.started = time.perf_counter()
+        transformer = self.pipeline.transformer  # read now: a fast job swaps in its own tree before this
         self._hooks = [
-            self.transformer.register_forward_pre_hook(self._before),
-            self.transformer.register_forward_hook(self._after),
+            transformer.register_forward_pre_hook(self._before),
+            transformer.register_forward_hook(self._after),
         ]
         return self
 
