@@ -190,3 +190,24 @@ def test_a_lightning_file_for_another_model_stops_the_worker(tiny_models, tmp_pa
     wrong = write_diffusers(tmp_path / "wide.safetensors", shaped_pairs(64, seed=4))
     with pytest.raises(ConfigError, match="Lightning LoRA .*wide.safetensors cannot be applied"):
         worker_with(tiny_models, LIGHTNING_LORA=str(wrong))
+
+
+@pytest.mark.slow
+def test_compiled_plain_and_fast_jobs_switch_without_recompiling(tiny_models, files):
+    """COMPILE=regional: the plain transformer and the Lightning copy are each compiled and warmed at start-up, so
+    plain -> fast -> plain -> fast after start-up compiles nothing (torch._dynamo's graph counter stays put)."""
+    from torch._dynamo.utils import counters
+
+    worker = worker_with(
+        tiny_models, LIGHTNING_LORA=str(files["eight"]), COMPILE="regional", COMPILE_WARMUP_SIZES="256*256"
+    )
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start >= 2  # at least the plain block and the Lightning copy's block
+    results = [worker.handle({"id": f"j{i}", "input": job}) for i, job in enumerate((PLAIN, FAST, PLAIN, FAST))]
+    assert all("image_url" in result for result in results), results
+    assert counters["stats"]["unique_graphs"] == compiled_at_start
+    assert results[0]["image_url"] == results[2]["image_url"] and results[1]["image_url"] == results[3]["image_url"]
+    assert results[0]["image_url"] != results[1]["image_url"]
+    # The counter does see recompilation: a user LoRA still changes the module structure (hot-swap is not built yet).
+    styled = worker.handle({"id": "s", "input": {**PLAIN, "loras": [{"path": str(files["style"])}]}})
+    assert "image_url" in styled and counters["stats"]["unique_graphs"] > compiled_at_start

@@ -73,19 +73,27 @@ def share_weights_copy(transformer: Any) -> Any:
     return copy.deepcopy(transformer, memo)
 
 
-def build_fast_modes(pipeline: Any, files: dict[FastMode, Path], *, fuse: bool, model_id: str) -> FastModes:
-    """Read each Lightning file once and make its mode ready. Raises ConfigError naming the file on any failure."""
-    if not files:
-        return FastModes()
-    if fuse:
-        if len(files) != 1:
-            raise ConfigError(
-                f"LIGHTNING_FUSE=true merges one Lightning LoRA into {model_id}'s transformer, but both the 8-step "
-                "and the 4-step file are configured; configure only the one this endpoint serves"
-            )
-        ((mode, path),) = files.items()
-        _fuse(pipeline, path, model_id)
-        return FastModes(fused=mode)
+def fuse_lightning(pipeline: Any, files: dict[FastMode, Path], model_id: str) -> FastModes:
+    """LIGHTNING_FUSE: merge the one configured file into the transformer's weights. Raises ConfigError.
+
+    Runs before quantization (peft cannot merge into a quantized weight) and before compilation.
+    """
+    if len(files) != 1:
+        raise ConfigError(
+            f"LIGHTNING_FUSE=true merges one Lightning LoRA into {model_id}'s transformer, but "
+            + ("none is configured" if not files else "both the 8-step and the 4-step file are configured")
+            + "; configure exactly the one this endpoint serves"
+        )
+    ((mode, path),) = files.items()
+    _fuse(pipeline, path, model_id)
+    return FastModes(fused=mode)
+
+
+def resident_lightning(pipeline: Any, files: dict[FastMode, Path], model_id: str) -> FastModes:
+    """Read each Lightning file once onto its own weight-sharing copy of the transformer. Raises ConfigError.
+
+    Runs after quantization (the copies share the quantized weights) and before any hook or compilation.
+    """
     copies = {}
     for mode, path in files.items():
         started = time.perf_counter()

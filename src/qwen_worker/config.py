@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
+from .quantization import QUANT_MODES
 from .schema import GenerationDefaults, parse_size
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
@@ -192,6 +193,7 @@ def _acceleration_settings(reader: _EnvReader, default: AccelerationSettings) ->
         compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
         batched_cfg=batched_cfg,
         warmup_sizes=tuple(sizes),
+        quant=reader.choice("TRANSFORMER_QUANT", default.quant, QUANT_MODES),
     )
 
 

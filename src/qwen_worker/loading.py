@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from .acceleration import AccelerationSettings, apply_acceleration, warm_up
-from .adapters import FastModes, build_fast_modes, fast_transformer
+from .adapters import FastModes, fast_transformer, fuse_lightning, resident_lightning
 from .errors import ConfigError
 from .models import ResolvedModel
+from .quantization import quantize_transformer
 from .schema import FastMode, Task
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,14 @@ def load_pipeline(
         raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
     pipeline.to(device)  # a no-op for components already there; moves nothing large twice
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
-    # Before any hook or compilation: the Lightning copies share the transformer's weights but not its modules.
-    fast = build_fast_modes(pipeline, lightning.by_mode(), fuse=lightning.fuse, model_id=model.model_id)
-    if pool.first_use(pipeline.transformer):  # a shared transformer is configured (and compiled) once
+    # The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the
+    # resident copies are made after it (they share the quantized weights) and before any hook or compilation.
+    first_use = pool.first_use(pipeline.transformer)  # a shared transformer is configured (and compiled) once
+    fused = fuse_lightning(pipeline, lightning.by_mode(), model.model_id) if lightning.fuse else FastModes()
+    if first_use:
+        quantize_transformer(pipeline.transformer, acceleration.quant, device)
+    fast = fused if lightning.fuse else resident_lightning(pipeline, lightning.by_mode(), model.model_id)
+    if first_use:
         apply_acceleration(pipeline.transformer, acceleration)
     for tree in fast.transformers():
         apply_acceleration(tree, acceleration)

@@ -529,6 +529,8 @@ def load_prepared(pipeline: Any, transformer: Any, prepared: PreparedLora, name:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             # diffusers' own clean-up of an adapter that failed to load; the failure itself is reported below.
             warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            # On a TRANSFORMER_QUANT transformer: the LoRA runs unmerged, and nothing is ever merged into those layers.
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
             # A shallow copy: the loader filters and renames keys, and the cached dict must stay as it is.
             # low_cpu_mem_usage: peft creates the LoRA layers empty and takes these tensors, instead of initialising
             # random weights only to overwrite them (what diffusers' own load_lora_weights does by default too).
