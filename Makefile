@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: venv models demo test lint bench clean s3-server image-corpus
+.PHONY: venv models demo test lint bench bench-lora clean s3-server image-corpus
 
 # Re-install only when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -51,6 +51,11 @@ lint: $(VENV)/.installed
 # respond) beside a naive baseline, then an encoder-settings sweep. A benchmark, not a test: see docs/PERFORMANCE.md.
 bench: $(VENV)/.installed s3-server
 	$(PY) bench/worker_overhead.py $(BENCH_ARGS)
+
+# What a fast job and a user-LoRA job cost per job before denoising, today's per-job load beside the new path, on
+# a real-width transformer cut to a few blocks (CPU, ~2 min). A benchmark, not a test: see docs/PERFORMANCE.md.
+bench-lora: $(VENV)/.installed
+	$(PY) bench/lora_overhead.py $(BENCH_ARGS)
 
 # The soak (tests/test_soak.py): 300+ mixed jobs through one worker, every response checked and RSS growth bounded.
 # A few minutes on 2 cores, so `make test` leaves it out (pyproject's -m "not soak").
