@@ -52,11 +52,6 @@ class FastModes:
     copies: dict[FastMode, Any] = field(default_factory=dict)
     fused: FastMode | None = None
 
-    def serves(self, mode: FastMode) -> bool:
-        if self.fused is not None:
-            return mode is self.fused
-        return mode is FastMode.NONE or mode in self.copies
-
     def transformers(self) -> list[Any]:
         return list(self.copies.values())
 

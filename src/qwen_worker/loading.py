@@ -140,6 +140,11 @@ def load_pipeline(
     # The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the
     # resident copies are made after it (they share the quantized weights) and before any hook or compilation.
     first_use = pool.first_use(pipeline.transformer)  # a shared transformer is configured (and compiled) once
+    if lightning.fuse and not first_use:
+        raise ConfigError(
+            f"LIGHTNING_FUSE=true cannot merge {model.model_id}'s Lightning LoRA into a transformer another pipeline "
+            "shares (identical files); set SHARE_COMPONENTS=false or serve one pipeline"
+        )
     fused = fuse_lightning(pipeline, lightning.by_mode(), model.model_id) if lightning.fuse else FastModes()
     if first_use:
         quantize_transformer(pipeline.transformer, acceleration.quant, device)

@@ -434,6 +434,8 @@ class PreparedLoraCache:
         prepared = prepare_lora(path, field)
         with self._lock:
             self.misses += 1
+            # The same content under another name (a URL and a volume path): keep and return the one copy.
+            prepared = self._entries.get(prepared.content_sha256, prepared)
             self._store(path, prepared)
         return prepared
 

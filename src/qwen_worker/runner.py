@@ -111,7 +111,7 @@ class PipelineRunner:
                 "Lightning LoRA is fused into the model (LIGHTNING_FUSE=true). Send the request with "
                 + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".')
             )
-        if not loaded.fast.serves(request.fast_mode):
+        if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
             variable = _lightning_variable(request.task, request.fast_mode)
             raise TaskNotServedError(
                 f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
