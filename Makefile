@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench clean s3-server image-corpus image-test
+.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -59,6 +59,11 @@ lint: $(VENV)/.installed ## ruff and mypy --strict, as CI runs them before the t
 # respond) beside a naive baseline, then an encoder-settings sweep. A benchmark, not a test: see docs/PERFORMANCE.md.
 bench: $(VENV)/.installed s3-server ## CPU benchmark of everything around the model (docs/PERFORMANCE.md)
 	$(PY) bench/worker_overhead.py $(BENCH_ARGS)
+
+# What a fast job and a user-LoRA job cost per job before denoising, today's per-job load beside the new path, on
+# a real-width transformer cut to a few blocks (CPU, ~2 min). A benchmark, not a test: see docs/PERFORMANCE.md.
+bench-lora: $(VENV)/.installed ## CPU benchmark of the per-job cost of fast and LoRA jobs (docs/PERFORMANCE.md)
+	$(PY) bench/lora_overhead.py $(BENCH_ARGS)
 
 # The soak (tests/test_soak.py): 300+ mixed jobs through one worker, every response checked and RSS growth bounded.
 # A few minutes on 2 cores, so `make test` leaves it out (pyproject's -m "not soak").

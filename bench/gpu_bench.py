@@ -21,6 +21,10 @@ What it does (a benchmark, not a test: it asserts nothing about time):
    so a synthetic one with the real layout (``<module>.lora_down/lora_up.weight`` + ``.alpha`` on the 12 attention
    and MLP projections of every block, rank ``--lora-rank``) is written to a temporary file and loaded by the
    worker exactly as a real one would be (``--fast-lora none`` runs 8 steps without CFG and without any LoRA).
+   ``--fast-path`` picks how: ``resident`` (default: read once onto a weight-sharing copy of the transformer, the
+   worker's default), ``fused`` (LIGHTNING_FUSE: merged into the weights once) or ``today`` (loaded and removed per
+   job, the worker's path before issue 12). ``--quant int8|fp8`` quantizes the transformer as TRANSFORMER_QUANT does,
+   in the worker's start-up order (fuse, quantize, resident copy).
 5. Reports, per mode and size: the worker's stage times, the denoise span on the GPU timeline (CUDA events in
    transformer hooks: the worker's clock is a host clock and may end before the GPU has finished), other time
    (LoRA load/unload, scheduler swap), peak GPU memory (``torch.cuda.max_memory_allocated``), the analytic FLOPs of
@@ -46,6 +50,8 @@ Usage (on a CUDA machine; see docs/PERFORMANCE.md, "GPU", for carrying diffusers
     python bench/gpu_bench.py                                   # quality + fast at 1024^2 and 1328^2
     python bench/gpu_bench.py --steps-quality 10 --repeat 2     # time 10 quality steps, extrapolate to 50
     python bench/gpu_bench.py --sizes 1024 --modes fast --json out.json
+    python bench/gpu_bench.py --sizes 1024 --modes fast --fast-path today    # the per-job Lightning load, to compare
+    python bench/gpu_bench.py --sizes 1024 --quant fp8           # TRANSFORMER_QUANT=fp8 (compute capability 8.9+)
     python bench/gpu_bench.py --describe                        # parameter counts and FLOPs only, no GPU
     python bench/gpu_bench.py --tiny --device cpu --sizes 256 --steps-quality 2   # logic check on a CPU
 """
@@ -515,9 +521,10 @@ class ForwardProbe:
     """Hooks on the transformer, beside the worker's own: the shapes of every forward (for the FLOP count) and, on
     CUDA, events on the GPU timeline at the call's start, around every forward and at its end."""
 
-    def __init__(self, pipeline: Any, device: torch.device) -> None:
+    def __init__(self, pipeline: Any, device: torch.device, trees: tuple[Any, ...] = ()) -> None:
         self.pipeline = pipeline
-        self.transformer = pipeline.transformer
+        # The pipeline's own transformer and the worker's resident Lightning copies: a fast job runs on a copy.
+        self.transformers = list({id(t): t for t in (pipeline.transformer, *trees)}.values())
         self.cuda = device.type == "cuda"
         self.forwards: list[dict[str, Any]] = []
         self.state: dict[str, Any] = {}
@@ -535,8 +542,12 @@ class ForwardProbe:
     def __enter__(self) -> ForwardProbe:
         self.start = self._mark()
         self._hooks = [
-            self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.transformer.register_forward_hook(self._after),
+            hook
+            for transformer in self.transformers
+            for hook in (
+                transformer.register_forward_pre_hook(self._before, with_kwargs=True),
+                transformer.register_forward_hook(self._after),
+            )
         ]
         return self
 
@@ -545,15 +556,16 @@ class ForwardProbe:
         for hook in self._hooks:
             hook.remove()
 
-    def _before(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if not self.forwards:
             # What the worker set up for this job, read at the first forward (host-side only, no GPU sync).
             scheduler = self.pipeline.scheduler.config
             self.state = {
-                "lora_layers": sum(1 for m in self.transformer.modules() if hasattr(m, "lora_A")),
-                "adapters": list(getattr(self.transformer, "peft_config", None) or {}),
+                # the tree that runs: the pipeline's own transformer, or a resident Lightning copy
+                "lora_layers": sum(1 for m in module.modules() if hasattr(m, "lora_A")),
+                "adapters": list(getattr(module, "peft_config", None) or {}),
                 "scheduler": {k: scheduler.get(k) for k in ("base_shift", "max_shift", "shift_terminal")},
             }
         self.forwards.append(
@@ -594,18 +606,22 @@ def request_for(mode: str, size: int, steps_quality: int, prompt: str, fast_lora
     return raw
 
 
-def one_run(runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any) -> dict[str, Any]:
+def one_run(
+    runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any,
+    job_loras: tuple[tuple[Path, float], ...] = (),
+) -> dict[str, Any]:
     from qwen_worker.runner import GenerationJob
     from qwen_worker.schema import parse_request
 
     request = parse_request(raw)
     runner.check_request(request)
-    job = GenerationJob(request=request, width=size, height=size)
+    job = GenerationJob(request=request, width=size, height=size, loras=job_loras)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    with ForwardProbe(pipeline, device) as probe, warnings.catch_warnings():
+    trees = tuple(runner.pipeline_for(request.task).fast.copies.values())
+    with ForwardProbe(pipeline, device, trees) as probe, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights: NaNs in the decoded image are expected
         generation = runner.generate(job)
     synchronize(device)
@@ -635,13 +651,15 @@ def run_case(
     def raw(warmup: bool) -> dict[str, Any]:
         return request_for(mode, size, args.steps_quality, prompt, fast_lora, warmup=warmup)
 
+    # --fast-path today: the Lightning file is loaded and removed per job, as the worker did before issue 12
+    per_job = args.per_job_lightning if fast_lora and args.fast_path == "today" else ()
     for _ in range(args.warmup):
-        one_run(runner, raw(warmup=True), size, device, pipeline)
-    runs = [one_run(runner, raw(warmup=False), size, device, pipeline) for _ in range(args.repeat)]
+        one_run(runner, raw(warmup=True), size, device, pipeline, per_job)
+    runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job) for _ in range(args.repeat)]
     first = runs[0]
     steps = first["steps"]
     full_steps = QUALITY_STEPS if mode == "quality" else FAST_STEPS
-    rank = lora_rank if fast_lora else 0
+    rank = lora_rank if fast_lora and args.fast_path != "fused" else 0  # fused: no LoRA matmuls in the forward
     forwards = first["probe"]["forwards"]
     flops_forwards = [
         transformer_forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank)["total"] * f["batch"]
@@ -676,6 +694,8 @@ def run_case(
         "mode": mode,
         "size": [size, size],
         "fast_mode": first["fast_mode"],
+        "fast_path": args.fast_path if fast_lora else None,
+        "quant": args.quant,
         "lora": {"rank": rank, "synthetic": True} if fast_lora else None,
         "true_cfg_scale": first["true_cfg_scale"],
         "steps_timed": steps,
@@ -858,10 +878,12 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     stub = _ensure_runpod_importable()  # before the worker's modules are imported
     if stub:
         notes.append(stub)
+    from qwen_worker.adapters import FastModes, fuse_lightning, resident_lightning
     from qwen_worker.loading import LightningFiles, LoadedPipeline
     from qwen_worker.models import ResolvedModel
+    from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
     from qwen_worker.runner import PipelineRunner
-    from qwen_worker.schema import Task
+    from qwen_worker.schema import FastMode, Task
 
     device = torch.device(args.device)
     if args.dtype == "auto":  # the worker's own choice (loading.dtype_for): bf16 on CUDA, float32 on a CPU
@@ -875,6 +897,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     notes.append("weights: random (normal 0.02, zero biases, unit norms) made on the device; load_pipeline's "
                  "from_pretrained is not timed (there are no checkpoint files)")
 
+    check_quantization(args.quant, device)  # fp8 below compute capability 8.9: stop before building 28 B parameters
     dev = device_info(device)
     ver = versions()
     lora_rank = args.lora_rank or (TINY_LORA_RANK if args.tiny else LIGHTNING_RANK)
@@ -889,7 +912,8 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         "git": git_state(),
         "settings": {
             "sizes": args.sizes, "modes": args.modes, "steps_quality": args.steps_quality, "quality_cfg": QUALITY_CFG,
-            "fast_steps": FAST_STEPS, "fast_lora": args.fast_lora, "lora_rank": lora_rank, "warmup": args.warmup,
+            "fast_steps": FAST_STEPS, "fast_lora": args.fast_lora, "fast_path": args.fast_path, "quant": args.quant,
+            "lora_rank": lora_rank, "warmup": args.warmup,
             "repeat": args.repeat, "text_tokens": args.text_tokens, "dtype": str(dtype).removeprefix("torch."),
             "seed": SEED, "argv": sys.argv[1:],
         },
@@ -923,12 +947,43 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     lora_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-lora-"))
     try:
         lightning = LightningFiles()
+        args.per_job_lightning = ()
         if "fast" in args.modes and args.fast_lora == "synthetic":
             lora_path = lora_dir / "synthetic-lightning-8step.safetensors"
             report["lora"] = write_synthetic_lightning_lora(lora_path, pipeline.transformer, lora_rank, device, dtype)
             lightning = LightningFiles(eight_step=lora_path)
+            how = {
+                "resident": "read once and kept resident on a weight-sharing copy of the transformer (the default)",
+                "fused": "fused into the transformer once (LIGHTNING_FUSE=true; quality mode then runs on the fused "
+                "weights, which only a benchmark may do)",
+                "today": "loaded and removed per job (the worker's path before issue 12)",
+            }[args.fast_path]
             notes.append(f"fast mode: a SYNTHETIC Lightning-layout LoRA (rank {lora_rank}, random weights, "
-                         f"{report['lora']['bytes'] / 1e6:.0f} MB) loaded per job by the worker, as go_fast does")
+                         f"{report['lora']['bytes'] / 1e6:.0f} MB), {how}")
+
+        # The worker's start-up order (loading.load_pipeline): fuse, quantize, resident copies.
+        fast = FastModes()
+        started = time.perf_counter()
+        if lightning.eight_step is not None and args.fast_path == "fused":
+            fast = fuse_lightning(pipeline, lightning.by_mode(), "bench")
+        if args.quant != "none":
+            before = linear_weight_bytes(pipeline.transformer)
+            quantize_transformer(pipeline.transformer, args.quant, device)
+            report["quant_linear_weight_bytes"] = {"before": before, "after": linear_weight_bytes(pipeline.transformer)}
+        if lightning.eight_step is not None and args.fast_path == "resident":
+            fast = resident_lightning(pipeline, lightning.by_mode(), "bench")
+        if lightning.eight_step is not None and args.fast_path == "today":
+            # Fast jobs run on the pipeline's own transformer (a "copy" that is the original), with the file as a
+            # per-job LoRA: read, parsed, injected and removed in each job, as before issue 12.
+            fast = FastModes(copies={FastMode.REGULAR: pipeline.transformer})
+            args.per_job_lightning = ((lightning.eight_step, 1.0),)
+        synchronize(device)
+        report["startup_seconds"] = time.perf_counter() - started
+        print(f"start-up work (--fast-path {args.fast_path}, --quant {args.quant}): {report['startup_seconds']:.1f} s",
+              flush=True)
+        report["weights_allocated_bytes_after_startup"] = (
+            torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        )
 
         model = ResolvedModel(
             model_id="synthetic Qwen/Qwen-Image (random weights)",
@@ -939,7 +994,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         )
         loaded = LoadedPipeline(
             model=model, pipeline=pipeline, task=Task.TEXT_TO_IMAGE, accepts_multiple_images=False,
-            lightning=lightning,
+            lightning=lightning, fast=fast,
         )
         runner = PipelineRunner([loaded], device)
         prompt = prompt_for(pipeline, args.text_tokens)
@@ -990,6 +1045,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast-lora", choices=("synthetic", "none"), default="synthetic",
                         help="fast mode with a synthetic Lightning-layout LoRA (the worker's go_fast), "
                         "or 8 plain steps")
+    parser.add_argument("--fast-path", choices=("resident", "fused", "today"), default="resident",
+                        help="how fast mode gets its Lightning LoRA: resident copy (default), fused once "
+                        "(LIGHTNING_FUSE), or loaded per job (the path before issue 12)")
+    parser.add_argument("--quant", choices=("none", "int8", "fp8"), default="none",
+                        help="TRANSFORMER_QUANT: torchao int8 weight-only or fp8 (compute capability 8.9+)")
     parser.add_argument("--lora-rank", type=int, default=None,
                         help=f"synthetic LoRA rank (default {LIGHTNING_RANK}; tiny {TINY_LORA_RANK})")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",

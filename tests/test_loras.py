@@ -498,3 +498,78 @@ def test_the_current_jobs_loras_are_never_evicted(tmp_path, allow_private, pipe)
         ]
     assert not paths[0].exists()
     assert all(path.is_file() for path in paths[1:])
+
+
+# ------------------------------------------------------------------------------------- prepared-LoRA memory cache
+
+
+def test_a_cached_lora_is_applied_without_reading_its_file(pipe, loras, first_image, monkeypatch):
+    from qwen_worker import loras as module
+    from qwen_worker.loras import PreparedLoraCache
+
+    cache = PreparedLoraCache(max_bytes=10_000_000)
+    with applied_loras(pipe, [(loras["diffusers"], 1.0)], cache):
+        assert np.array_equal(generate(pipe), first_image)
+    assert (cache.hits, cache.misses) == (0, 1) and cache.nbytes > 0
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("a cached LoRA was read, parsed or converted again")
+
+    monkeypatch.setattr(module, "prepare_lora", no_disk)
+    monkeypatch.setattr(module, "verify_safetensors", no_disk)
+    for _ in range(2):
+        with applied_loras(pipe, [(loras["diffusers"], 1.0)], cache):
+            assert np.array_equal(generate(pipe), first_image)
+    assert (cache.hits, cache.misses) == (2, 1)
+    # and the store, which checks every other file's header, trusts a file the cache already holds
+    store = make_store(loras["folder"], prepared=cache)
+    assert store.resolve(LoraRequest(str(loras["diffusers"]), 1.0), "loras[0]") == loras["diffusers"]
+
+
+def test_the_cache_keeps_the_next_job_clean(pipe, baseline, pristine, loras):
+    from qwen_worker.loras import PreparedLoraCache
+
+    cache = PreparedLoraCache(max_bytes=10_000_000)
+    for _ in range(2):
+        with applied_loras(pipe, [(loras["diffusers"], 1.0), (loras["second_file"], 0.5)], cache):
+            generate(pipe)
+        assert_pristine(pipe, pristine, baseline)
+    # the cached tensors were not changed by being loaded (peft takes them as they are on the CPU)
+    with applied_loras(pipe, [(loras["diffusers"], 1.0)], cache):
+        again = generate(pipe)
+    with applied_loras(pipe, [(loras["diffusers"], 1.0)]):
+        assert np.array_equal(again, generate(pipe))
+
+
+def test_the_cache_is_bounded_in_bytes_least_recently_used_out(pipe, loras, tmp_path):
+    from qwen_worker.loras import PreparedLoraCache
+
+    paths = [
+        lora_files.write_diffusers(tmp_path / f"c{i}.safetensors", lora_files.random_pairs(pipe.transformer, seed=seed))
+        for i, seed in enumerate((30, 31, 32))
+    ]
+    one = PreparedLoraCache(10**9).get(paths[0], "loras[0]").nbytes
+    cache = PreparedLoraCache(max_bytes=2 * one)
+    cache.get(paths[0], "loras[0]")
+    cache.get(paths[1], "loras[0]")
+    cache.get(paths[0], "loras[0]")  # 0 is now the more recently used
+    cache.get(paths[2], "loras[0]")  # over the cap: 1 goes
+    assert cache.nbytes == 2 * one
+    assert cache.knows(paths[0]) and cache.knows(paths[2]) and not cache.knows(paths[1])
+    # a file larger than the whole cache is prepared for its job but not kept
+    tiny = PreparedLoraCache(max_bytes=one - 1)
+    assert tiny.get(paths[0], "loras[0]").nbytes == one and tiny.nbytes == 0 and not tiny.knows(paths[0])
+
+
+def test_the_same_content_is_held_once_and_a_rewritten_file_is_read_again(pipe, loras, tmp_path):
+    from qwen_worker.loras import PreparedLoraCache
+
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(loras["diffusers"].read_bytes())
+    cache = PreparedLoraCache(max_bytes=10**9)
+    first = cache.get(loras["diffusers"], "loras[0]")
+    assert cache.get(copy, "loras[1]") is first and cache.nbytes == first.nbytes  # keyed by content
+    lora_files.write_diffusers(copy, loras["second"])
+    os.utime(copy, ns=(1, 1))  # a rewrite within the same clock tick must still be seen: size or mtime differ
+    assert cache.get(copy, "loras[1]").content_sha256 != first.content_sha256
+    assert cache.misses == 3

@@ -59,6 +59,7 @@ class AccelerationSettings:
     compile: bool = False
     batched_cfg: bool = False
     warmup_sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (1328, 1328))
+    quant: str = "none"  # TRANSFORMER_QUANT (quantization.py): applied before compiling
 
 
 def parse_step_cache(value: str) -> tuple[str, float | None]:

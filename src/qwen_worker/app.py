@@ -15,7 +15,7 @@ import torch
 from .config import Settings
 from .errors import ConfigError
 from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
-from .loras import LoraStore
+from .loras import LoraStore, PreparedLoraCache
 from .models import resolve_folder, resolve_model
 from .profiles import PROFILES, check_license, profile_for
 from .progress import StepProgress, runpod_sender
@@ -69,9 +69,10 @@ def build_worker(settings: Settings) -> Worker:
     """Resolve and load the configured models (once per process) and wire the worker. Raises ConfigError."""
     device = select_device(settings.require_cuda)
     loaded: list[LoadedPipeline] = []
+    fuse = settings.lightning_fuse
     lightning = {
-        "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step),
-        "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step),
+        "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
+        "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
     }
     pool = ComponentPool(share=settings.share_components)
     for spec, task, variable in (
@@ -90,15 +91,17 @@ def build_worker(settings: Settings) -> Worker:
     safety = build_safety(settings, device)
     store = build_store(settings)
     log.info("results go to %s", store.description)
+    prepared_loras = PreparedLoraCache(settings.lora_memory_cache_bytes)
     loras = LoraStore(
         settings.lora_cache_dir,
         settings.lora_cache_max_bytes,
         settings.lora_max_bytes,
         settings.volume_path,
         settings.image_fetch_timeout_seconds,
+        prepared=prepared_loras,
     )
     sender = runpod_sender() if settings.report_progress else None
-    runner = PipelineRunner(loaded, device)
+    runner = PipelineRunner(loaded, device, lora_cache=prepared_loras)
     # The modes built on the loaded pipelines (image-to-image, inpainting, ...): from_pipe shares every module, so
     # this takes milliseconds and no memory, and no mode's first job waits for it.
     runner.prepare_modes()

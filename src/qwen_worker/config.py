@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
+from .quantization import QUANT_MODES
 from .schema import parse_size
 
 DEFAULT_T2I_MODEL = "Qwen/Qwen-Image"
@@ -84,11 +85,15 @@ class Settings:
     lora_cache_dir: Path = Path("/tmp/qwen-worker/loras")
     lora_cache_max_bytes: int = 20 * 1000**3
     lora_max_bytes: int = 2 * 1000**3
+    # Prepared (read, parsed, converted) LoRAs kept in host memory by content hash; 0 = prepare every job's files.
+    lora_memory_cache_bytes: int = 8 * 1000**3
     # Lightning fast mode: the distillation LoRAs, per task (8-step and 4-step files). None = not installed.
     lightning_lora: Path | None = None
     lightning_lora_4step: Path | None = None
     lightning_edit_lora: Path | None = None
     lightning_edit_lora_4step: Path | None = None
+    # Merge the one Lightning file into the transformer at start-up: a fast-only endpoint at plain-job speed.
+    lightning_fuse: bool = False
 
     # Safety checker policy: "on" obeys each request, "always" checks every image, "off" loads nothing.
     safety_checker: str = "on"
@@ -138,10 +143,14 @@ class Settings:
                 "LORA_CACHE_MAX_BYTES", default.lora_cache_max_bytes, low=1, high=1 << 50
             ),
             lora_max_bytes=reader.integer("LORA_MAX_BYTES", default.lora_max_bytes, low=1, high=1 << 40),
+            lora_memory_cache_bytes=reader.integer(
+                "LORA_MEMORY_CACHE_BYTES", default.lora_memory_cache_bytes, low=0, high=1 << 44
+            ),
             lightning_lora=reader.path("LIGHTNING_LORA", default.lightning_lora),
             lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),
             lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA", default.lightning_edit_lora),
             lightning_edit_lora_4step=reader.path("LIGHTNING_EDIT_LORA_4STEP", default.lightning_edit_lora_4step),
+            lightning_fuse=reader.boolean("LIGHTNING_FUSE", default.lightning_fuse),
             safety_checker=_safety_checker_policy(reader, default.safety_checker),
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or default.safety_checker_model,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", default.safety_check_inputs),
@@ -184,6 +193,7 @@ def _acceleration_settings(reader: _EnvReader, default: AccelerationSettings) ->
         compile=reader.choice("COMPILE", "off", ("off", "regional")) == "regional",
         batched_cfg=batched_cfg,
         warmup_sizes=tuple(sizes),
+        quant=reader.choice("TRANSFORMER_QUANT", default.quant, QUANT_MODES),
     )
 
 

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 
 from .acceleration import AccelerationSettings, apply_acceleration, warm_up
+from .adapters import FastModes, fast_transformer, fuse_lightning, resident_lightning
 from .errors import ConfigError
 from .models import ResolvedModel
 from .profiles import PROFILES, ModelProfile, profile_for
+from .quantization import quantize_transformer
 from .schema import FastMode, Task
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,13 @@ class LightningFiles:
 
     eight_step: Path | None = None
     four_step: Path | None = None
+    fuse: bool = False  # LIGHTNING_FUSE: merge the one configured file into the transformer (fast-only endpoint)
 
     def for_mode(self, mode: FastMode) -> Path | None:
         return {FastMode.REGULAR: self.eight_step, FastMode.HIGH: self.four_step}.get(mode)
+
+    def by_mode(self) -> dict[FastMode, Path]:
+        return {mode: path for mode in (FastMode.REGULAR, FastMode.HIGH) if (path := self.for_mode(mode)) is not None}
 
 
 @dataclass
@@ -65,6 +71,7 @@ class LoadedPipeline:
     task: Task
     accepts_multiple_images: bool
     lightning: LightningFiles = field(default_factory=LightningFiles)
+    fast: FastModes = field(default_factory=FastModes)  # the Lightning files, applied once (adapters.py)
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
     batched_cfg: bool = False
 
@@ -100,8 +107,8 @@ def load_pipeline(
 
     Model components (transformer, text encoder, VAE) are loaded one by one so each load is timed in the log, and
     through ``pool`` so that a component already loaded for another pipeline, with identical files, is reused
-    rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are checked now
-    (a typo in the configuration should stop the worker, not fail jobs) and applied per job.
+    rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are read and
+    applied now, once (``adapters.py``): a bad file stops the worker instead of failing jobs, and no job reads them.
     """
     import diffusers
 
@@ -141,14 +148,33 @@ def load_pipeline(
         raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
     pipeline.to(device)  # a no-op for components already there; moves nothing large twice
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
-    if pool.first_use(pipeline.transformer):  # a shared transformer is configured (and compiled) once
+    # The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the
+    # resident copies are made after it (they share the quantized weights) and before any hook or compilation.
+    first_use = pool.first_use(pipeline.transformer)  # a shared transformer is configured (and compiled) once
+    if lightning.fuse and not first_use:
+        raise ConfigError(
+            f"LIGHTNING_FUSE=true cannot merge {model.model_id}'s Lightning LoRA into a transformer another pipeline "
+            "shares (identical files); set SHARE_COMPONENTS=false or serve one pipeline"
+        )
+    fused = fuse_lightning(pipeline, lightning.by_mode(), model.model_id) if lightning.fuse else FastModes()
+    if first_use:
+        quantize_transformer(pipeline.transformer, acceleration.quant, device)
+    fast = fused if lightning.fuse else resident_lightning(pipeline, lightning.by_mode(), model.model_id)
+    if first_use:
         apply_acceleration(pipeline.transformer, acceleration)
+    for tree in fast.transformers():
+        apply_acceleration(tree, acceleration)
     if acceleration.compile:
-        warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
+        # Each tree is its own graph: warm them all, so no fast job pays a compilation either.
+        for mode in (FastMode.NONE, *fast.copies):
+            with fast_transformer(pipeline, fast, mode):
+                warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
     compiled_sizes = set(acceleration.warmup_sizes) if acceleration.compile else None
-    return LoadedPipeline(model, pipeline, task, multi_image, lightning, compiled_sizes, acceleration.batched_cfg)
+    return LoadedPipeline(
+        model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg
+    )
 
 
 def derive_pipeline(loaded: LoadedPipeline, class_name: str) -> Any:

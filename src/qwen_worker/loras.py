@@ -18,11 +18,14 @@ Whatever the source, the file's safetensors header is parsed before use. Nothing
 ``.pt`` file renamed to ``.safetensors`` fails that check, and diffusers is called with ``use_safetensors=True`` so its
 own pickle fallback is off too.
 
-``applied_loras(pipeline, [(path, scale), ...])`` is a context manager that loads each file as a peft adapter under a
-fresh name, activates them with their scales, yields, and afterwards removes them so the next job meets exactly the
-transformer it would have met without LoRAs: the same module classes (no leftover peft wrapper layers), the same
-``state_dict`` keys and tensors, the same attributes. Adapters are never fused into the base weights, so removal
-involves no arithmetic and is exact (see ``_remove``). An empty list never touches peft.
+``applied_loras(pipeline, [(path, scale), ...], cache)`` is a context manager that loads each file as a peft adapter
+under a fresh name, activates them with their scales, yields, and afterwards removes them so the next job meets
+exactly the transformer it would have met without LoRAs: the same module classes (no leftover peft wrapper layers),
+the same ``state_dict`` keys and tensors, the same attributes. Adapters are never fused into the base weights, so
+removal involves no arithmetic and is exact (see ``_remove``). An empty list never touches peft. Files are read,
+parsed and converted once (``prepare_lora``) and kept in host memory by content hash (``PreparedLoraCache``), so a
+repeated LoRA is injected straight from memory. Adapters marked resident (the Lightning copies of ``adapters.py``)
+stay active beside the job's and are never removed.
 
 diffusers (0.42) converts the common Qwen-Image LoRA layouts itself (``QwenImageLoraLoaderMixin.lora_state_dict``):
 diffusers/peft (``transformer.<module>.lora_A.weight``, with its optional ``lora_adapter_metadata`` header), kohya
@@ -46,6 +49,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import torch
 from safetensors import safe_open
 
 from .downloads import DownloadError, download, host_of
@@ -94,6 +99,7 @@ class LoraStore:
         timeout_seconds: float,
         *,
         protect_recent: int = 3,
+        prepared: PreparedLoraCache | None = None,
     ) -> None:
         if max_cache_bytes < 0 or max_file_bytes <= 0 or timeout_seconds <= 0 or protect_recent < 0:
             raise ValueError("LoraStore limits must be positive")
@@ -103,6 +109,7 @@ class LoraStore:
         self.volume_path = Path(volume_path)
         self.timeout_seconds = timeout_seconds
         self.protect_recent = protect_recent
+        self.prepared = prepared
         # Serialises cache reads, downloads and eviction within this process; across processes the cache relies on
         # atomic renames (a reader sees a whole file or none).
         self._lock = threading.Lock()
@@ -134,7 +141,10 @@ class LoraStore:
             path = self._local_file(Path(reference), field)
         else:
             path = self._volume_file(reference, field)
-        verify_safetensors(path, field)
+        # A file the memory cache already holds (same identity: no read needed to know) was checked when it was
+        # prepared; any other is checked now, before a job is started on it.
+        if self.prepared is None or not self.prepared.knows(path):
+            verify_safetensors(path, field)
         return path
 
     # -------------------------------------------------------------------------------------------- local files
@@ -338,13 +348,140 @@ def verify_safetensors(path: Path, field: str, *, source: str | None = None) -> 
 # ------------------------------------------------------------------------------------------------ application
 
 
+@dataclass(frozen=True)
+class PreparedLora:
+    """A LoRA file read, parsed and converted to diffusers' transformer layout once, ready to load from memory.
+
+    ``state_dict`` keys are what diffusers' Qwen-Image converter returns (``transformer.<module>.lora_A.weight``), or
+    the file's own bare ``<module>.lora_A.weight`` keys, which the transformer's loader takes as they are.
+    ``metadata`` is the file's ``lora_adapter_metadata`` (it carries a trained adapter's ``lora_alpha``).
+    """
+
+    name: str  # the file name, for logs
+    content_sha256: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any] | None
+    nbytes: int
+
+
+def prepare_lora(path: Path, field: str) -> PreparedLora:
+    """Read ``path`` once (one disk read), check it, and convert its keys. Raises ``LoraError(field, ...)``."""
+    from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
+    from safetensors.torch import load as load_safetensors
+
+    verify_safetensors(path, field)
+    try:
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        metadata = _adapter_metadata(data)
+        # Every Qwen-Image pipeline class shares this mixin's converter: kohya, ComfyUI, musubi and Lightning
+        # layouts become diffusers' transformer.<module>.lora_A/B keys, with alphas folded into the weights.
+        state_dict = QwenImageLoraLoaderMixin.lora_state_dict(tensors)
+    except LoraError:
+        raise
+    except Exception as err:
+        raise LoraError(field, _load_failure_reason(err)) from None
+    if not all("lora" in key for key in state_dict):
+        raise LoraError(field, f"{path.name} holds tensors that are not LoRA weights; it is not a LoRA file")
+    nbytes = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
+    return PreparedLora(path.name, hashlib.sha256(data).hexdigest(), state_dict, metadata, nbytes)
+
+
+def _adapter_metadata(data: bytes) -> dict[str, Any] | None:
+    """diffusers' ``lora_adapter_metadata`` from the safetensors header in ``data`` (8-byte length, then JSON)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    raw = (header.get("__metadata__") or {}).get(LORA_ADAPTER_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+class PreparedLoraCache:
+    """Prepared LoRAs kept in host memory, least recently used first out, bounded in bytes (LORA_MEMORY_CACHE_BYTES).
+
+    Keyed by content sha256, so one LoRA reached by a URL and by a volume path is held once. A file is recognised
+    again by its identity (device, inode, size, modification time: one ``stat``, no read), so a repeated LoRA costs
+    no disk read, no safetensors parse and no key conversion. A file rewritten in place gets a new modification time
+    and is read again. ``max_bytes`` 0 turns the cache off (every job prepares its files, as before).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, PreparedLora] = OrderedDict()
+        self._files: dict[tuple[int, int, int, int, str], str] = {}  # file identity -> content sha256
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def knows(self, path: Path) -> bool:
+        """True when ``path`` is a file already prepared and still cached (its header need not be checked again)."""
+        with self._lock:
+            return self._lookup(path) is not None
+
+    def get(self, path: Path, field: str) -> PreparedLora:
+        with self._lock:
+            prepared = self._lookup(path)
+            if prepared is not None:
+                self.hits += 1
+                self._entries.move_to_end(prepared.content_sha256)
+                return prepared
+        prepared = prepare_lora(path, field)
+        with self._lock:
+            self.misses += 1
+            # The same content under another name (a URL and a volume path): keep and return the one copy.
+            prepared = self._entries.get(prepared.content_sha256, prepared)
+            self._store(path, prepared)
+        return prepared
+
+    def _lookup(self, path: Path) -> PreparedLora | None:
+        try:
+            identity = _file_identity(path)
+        except OSError:
+            return None
+        digest = self._files.get(identity)
+        return None if digest is None else self._entries.get(digest)
+
+    def _store(self, path: Path, prepared: PreparedLora) -> None:
+        if prepared.nbytes > self.max_bytes:
+            return  # larger than the whole cache: used for this job only
+        if prepared.content_sha256 not in self._entries:
+            self._entries[prepared.content_sha256] = prepared
+            self._bytes += prepared.nbytes
+        self._files[_file_identity(path)] = prepared.content_sha256
+        while self._bytes > self.max_bytes:
+            _digest, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            log.info("LoRA memory cache: evicted %s (%d bytes)", evicted.name, evicted.nbytes)
+        live = set(self._entries)
+        self._files = {identity: digest for identity, digest in self._files.items() if digest in live}
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int, str]:
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, str(path))
+
+
+# Attribute a transformer carries when adapters live on it for good (the Lightning copies of adapters.py): name ->
+# weight. Per-job LoRAs are activated beside them and removed again; resident ones are never touched.
+RESIDENT_ADAPTERS = "_qwen_worker_resident_adapters"
+
+
 @contextmanager
-def applied_loras(pipeline: Any, loras: Sequence[tuple[Path, float]]) -> Iterator[list[str]]:
+def applied_loras(
+    pipeline: Any, loras: Sequence[tuple[Path, float]], cache: PreparedLoraCache | None = None
+) -> Iterator[list[str]]:
     """Apply ``loras`` (``(file, scale)`` in ``loras[i]`` order) to ``pipeline`` for the duration of the block.
 
     Yields the adapter names. On exit, normal or not, every adapter this call added is removed. A file that cannot be
     applied (shapes for another model, no weights for this transformer) raises ``LoraError("loras[i]", ...)`` after
-    the pipeline has been restored. With no LoRAs nothing at all happens.
+    the pipeline has been restored. With no LoRAs nothing at all happens. ``cache`` serves files prepared before
+    (no disk read, parse or conversion); without one each file is prepared for this call.
     """
     if not loras:
         yield []
@@ -352,61 +489,79 @@ def applied_loras(pipeline: Any, loras: Sequence[tuple[Path, float]]) -> Iterato
 
     transformer = pipeline.transformer
     had_peft_flag = "_hf_peft_config_loaded" in vars(transformer)
+    resident: dict[str, float] = dict(getattr(transformer, RESIDENT_ADAPTERS, {}))
     # A fresh suffix per call: an adapter left behind by a crash can never collide with, or be mistaken for, ours.
     call_id = uuid.uuid4().hex[:8]
     names: list[str] = []
     try:
         for index, (path, _scale) in enumerate(loras):
+            field = f"loras[{index}]"
+            prepared = cache.get(Path(path), field) if cache is not None else prepare_lora(Path(path), field)
             name = f"job_{call_id}_{index}"
             names.append(name)  # before loading: a half-injected adapter must be cleaned up too
-            _load_one(pipeline, Path(path), name, f"loras[{index}]")
+            load_prepared(pipeline, transformer, prepared, name, field)
         try:
-            pipeline.set_adapters(names, adapter_weights=[float(scale) for _path, scale in loras])
+            pipeline.set_adapters(
+                [*resident, *names], adapter_weights=[*resident.values(), *(float(scale) for _path, scale in loras)]
+            )
         except Exception as err:
             raise LoraError("loras", f"the LoRAs could not be activated ({type(err).__name__}: {err})") from None
         log.info("applied LoRAs %s", ", ".join(f"{Path(p).name}@{s:g}" for p, s in loras))
         yield names
     finally:
-        _remove(pipeline, names, had_peft_flag)
+        _remove(pipeline, names, had_peft_flag, resident)
 
 
-def _load_one(pipeline: Any, path: Path, name: str, field: str) -> None:
-    transformer = pipeline.transformer
-    keys = verify_safetensors(path, field)
+def load_prepared(pipeline: Any, transformer: Any, prepared: PreparedLora, name: str, field: str) -> None:
+    """Inject ``prepared`` into ``transformer`` as adapter ``name``; no file is read."""
+    keys = list(prepared.state_dict)
+    # Keys without any prefix (transformer.save_lora_adapter's layout) are taken as they are by the model-level
+    # loader; everything else went through the pipeline converter and carries "transformer.".
+    prefix = "transformer" if any(key.startswith("transformer.") for key in keys) else None
+    if prefix is None and not _is_bare_transformer_layout(transformer, keys):
+        # diffusers would only log a warning when nothing in the file addresses the transformer (a text-encoder-only
+        # LoRA, another model's naming); applying nothing silently would be a wrong result, not a success.
+        raise LoraError(
+            field,
+            f"{prepared.name} has no weights for this model's transformer (is it a LoRA for a different model?)",
+        )
     try:
         with warnings.catch_warnings():
             # peft warns on every adapter after the first that "multiple adapters" are in the model: that is the point.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             # diffusers' own clean-up of an adapter that failed to load; the failure itself is reported below.
             warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-            # use_safetensors=True turns off diffusers' torch.load fallback; local_files_only keeps the hub out.
-            pipeline.load_lora_weights(str(path), adapter_name=name, use_safetensors=True, local_files_only=True)
-            if not _has_adapter(transformer, name) and _is_bare_transformer_layout(transformer, keys):
-                # Keys without any prefix (transformer.save_lora_adapter's layout) are filtered out by the
-                # pipeline loader, which only takes "transformer."-prefixed ones; the model-level loader takes them.
-                transformer.load_lora_adapter(
-                    str(path), prefix=None, adapter_name=name, use_safetensors=True, local_files_only=True
-                )
-    except LoraError:
-        raise
+            # On a TRANSFORMER_QUANT transformer: the LoRA runs unmerged, and nothing is ever merged into those layers.
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            # A shallow copy: the loader filters and renames keys, and the cached dict must stay as it is.
+            # low_cpu_mem_usage: peft creates the LoRA layers empty and takes these tensors, instead of initialising
+            # random weights only to overwrite them (what diffusers' own load_lora_weights does by default too).
+            transformer.load_lora_adapter(
+                dict(prepared.state_dict),
+                prefix=prefix,
+                adapter_name=name,
+                metadata=prepared.metadata,
+                _pipeline=pipeline,
+                low_cpu_mem_usage=True,
+            )
     except Exception as err:
         raise LoraError(field, _load_failure_reason(err)) from None
     if not _has_adapter(transformer, name):
-        # diffusers only logs a warning when nothing in the file addresses the transformer (a text-encoder-only
-        # LoRA, another model's naming); applying nothing silently would be a wrong result, not a success.
         raise LoraError(
             field,
-            f"{path.name} has no weights for this model's transformer (is it a LoRA for a different model?)",
+            f"{prepared.name} has no weights for this model's transformer (is it a LoRA for a different model?)",
         )
 
 
-def _remove(pipeline: Any, names: Sequence[str], had_peft_flag: bool) -> None:
+def _remove(pipeline: Any, names: Sequence[str], had_peft_flag: bool, resident: dict[str, float]) -> None:
     """Remove our adapters and, when none is left, the peft wrapper layers themselves.
 
     ``delete_adapters`` alone is not enough: it drops the LoRA weights but leaves every targeted ``nn.Linear`` wrapped
     in a peft ``lora.Linear`` (other module classes, ``base_layer.`` state_dict keys, an extra Python call per layer).
     ``unload_lora_weights`` swaps each wrapper back for its original ``base_layer`` module, the very same object
-    with the very same tensors, since nothing was fused into them.
+    with the very same tensors, since nothing was fused into them. On a transformer with resident adapters (a
+    Lightning copy), only the job's adapters go, the wrappers they alone needed are unwrapped, and the resident
+    adapters are active again at their own weights.
     """
     if not names:
         return
@@ -422,15 +577,35 @@ def _remove(pipeline: Any, names: Sequence[str], had_peft_flag: bool) -> None:
             # transformer's attributes read exactly as before.
             if not had_peft_flag:
                 vars(transformer).pop("_hf_peft_config_loaded", None)
-        else:
-            # Adapters this call did not add (none in the worker's own use) are left alone, wrappers and all.
-            log.warning("LoRA removal: adapters %s were not added for this job and stay loaded", others)
-            pipeline.delete_adapters([name for name in names if name in loaded])
+            return
+        unknown = [name for name in others if name not in resident]
+        if unknown:
+            # Never the case in the worker's own use; said loudly rather than guessed at.
+            log.warning("LoRA removal: adapters %s were not added for this job and stay loaded", unknown)
+        pipeline.delete_adapters([name for name in names if name in loaded])
+        _unwrap_empty_layers(transformer)
+        if resident:
+            pipeline.set_adapters(list(resident), adapter_weights=list(resident.values()))
     except Exception:
         # Raised even over the job's own error: a pipeline that could not be restored would silently carry this
         # job's LoRAs into the next one, which is worse than a failed job.
         log.exception("LoRA removal failed; the pipeline may still carry adapters %s", list(names))
         raise
+
+
+def _unwrap_empty_layers(transformer: Any) -> None:
+    """Put back the base layer of every peft wrapper that holds no adapter any more (only a job's LoRA targeted it)."""
+    from peft.tuners.lora import LoraLayer
+
+    empty = [
+        (name, module)
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and not any(module.lora_A) and not any(module.lora_B)
+    ]
+    for name, module in empty:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        setattr(parent, child, module.get_base_layer())
 
 
 def _has_adapter(transformer: Any, name: str) -> bool:

@@ -25,10 +25,11 @@ import torch
 from PIL import Image, ImageOps
 
 from .acceleration import BatchedTrueCFG
+from .adapters import fast_transformer
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .inpainting import MaskedCanvas
 from .loading import LoadedPipeline, derive_pipeline
-from .loras import applied_loras
+from .loras import PreparedLoraCache, applied_loras
 from .media import flatten_alpha
 from .models import ResolvedModel
 from .profiles import DEFAULT_PROFILE, ModelProfile
@@ -139,8 +140,14 @@ class Generation:
 class PipelineRunner:
     """Holds the loaded pipelines (at most one per task) and the modes built on them; runs jobs, one at a time."""
 
-    def __init__(self, pipelines: Sequence[LoadedPipeline], device: torch.device) -> None:
+    def __init__(
+        self,
+        pipelines: Sequence[LoadedPipeline],
+        device: torch.device,
+        lora_cache: PreparedLoraCache | None = None,
+    ) -> None:
         self.device = device
+        self.lora_cache = lora_cache
         self._by_task: dict[Task, LoadedPipeline] = {}
         for loaded in pipelines:
             if loaded.task in self._by_task:
@@ -219,6 +226,12 @@ class PipelineRunner:
                 f"with several images needs an Edit-Plus model (2509/2511); this endpoint serves "
                 f"{loaded.model.pipeline_class}",
             )
+        if loaded.fast.fused is not None and request.fast_mode is not loaded.fast.fused:
+            raise TaskNotServedError(
+                f"This endpoint serves only fast mode ({loaded.fast.fused.value}) for {request.mode.value}: its "
+                "Lightning LoRA is fused into the model (LIGHTNING_FUSE=true). Send the request with "
+                + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".')
+            )
         if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
             variable = _lightning_variable(loaded.task, request.fast_mode)
             raise TaskNotServedError(
@@ -231,13 +244,16 @@ class PipelineRunner:
         loaded, pipeline = served.loaded, served.pipeline
         call = _call_arguments(served, job, on_progress)
         _note_uncompiled_size(loaded, job)
-        stages = _StageClock(pipeline.transformer)
+        stages = _StageClock(pipeline)
         with (
             _pipeline_errors(loaded, job),
             _scheduler_for(pipeline, job.request),
-            applied_loras(pipeline, _job_loras(loaded, job)),
+            # The transformer tree of the job's fast mode (adapters.py) first, on the pipeline that runs the mode:
+            # the LoRAs, the clock's hooks and batching attach to the tree that runs.
+            fast_transformer(pipeline, loaded.fast, job.request.fast_mode),
+            applied_loras(pipeline, job.loras, self.lora_cache),
             stages,
-            _batching(loaded, job.request),
+            _batching(pipeline, loaded, job.request),
             torch.inference_mode(),
         ):
             output = pipeline(**call)
@@ -310,15 +326,10 @@ def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
         log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
 
 
-def _job_loras(loaded: LoadedPipeline, job: GenerationJob) -> list[tuple[Path, float]]:
-    """The request's LoRAs, after the Lightning LoRA when fast mode is on."""
-    lightning = loaded.lightning.for_mode(job.request.fast_mode)
-    return ([(lightning, 1.0)] if lightning is not None else []) + list(job.loras)
-
-
-def _batching(loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
+def _batching(pipeline: Any, loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
+    """Batched true CFG on the transformer that runs (read when entered: after a fast job's tree is swapped in)."""
     if loaded.batched_cfg and request.true_cfg_scale > 1:
-        return BatchedTrueCFG(loaded.pipeline.transformer)
+        return BatchedTrueCFG(pipeline.transformer)
     return nullcontext()
 
 
@@ -375,17 +386,18 @@ class _StageClock:
     are copied to time them. Hooks are removed when the call ends.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        self.transformer = transformer
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
         self.first_forward: float | None = None
         self.last_forward: float | None = None
         self.started = self.ended = 0.0
 
     def __enter__(self) -> _StageClock:
         self.started = time.perf_counter()
+        transformer = self.pipeline.transformer  # read now: a fast job swaps in its own tree before this
         self._hooks = [
-            self.transformer.register_forward_pre_hook(self._before),
-            self.transformer.register_forward_hook(self._after),
+            transformer.register_forward_pre_hook(self._before),
+            transformer.register_forward_hook(self._after),
         ]
         return self
 
