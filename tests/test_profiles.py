@@ -7,7 +7,7 @@ import base64
 import shutil
 
 import pytest
-from images import photo_like, to_bytes
+from support.images import photo_like, to_bytes
 
 from qwen_worker.app import build_worker
 from qwen_worker.config import Settings

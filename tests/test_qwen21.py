@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
-from images import photo_like, to_bytes
 from PIL import Image
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
+from support.images import photo_like, to_bytes
+from support.responses import completed_output, decode_data_uri, open_image
 
 LICENSE = "Qwen Research License"
 
@@ -27,18 +27,14 @@ TALL = data_uri(photo_like(80, 120, seed=2))  # 2:3
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models, tmp_path_factory):
-    server = WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image-2.1"]),
-            "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "true",
-            "SAFETY_CHECKER": "off",
-            "DEFAULT_STEPS": "",  # unset: the card's 40 steps apply; jobs below ask for 2 to stay quick
-        },
-        tmp_path_factory.mktemp("qwen21") / "worker.log",
-    ).start()
-    yield server
-    server.stop()
+def worker(tiny_models, start_worker):
+    with start_worker(
+        QWEN_IMAGE_MODEL=str(tiny_models["qwen-image-2.1"]),
+        QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE="true",
+        SAFETY_CHECKER="off",
+        DEFAULT_STEPS="",  # unset: the card's 40 steps apply; jobs below ask for 2 to stay quick
+    ) as server:
+        yield server
 
 
 def test_text_to_image_carries_the_licence_and_is_flattened_without_background(worker):
@@ -156,15 +152,10 @@ def test_transparent_output_keeps_its_alpha_through_encoding_and_storage(worker)
     assert body["status"] == "FAILED" and "jpeg" in body["error"] and "png or webp" in body["error"], body
 
 
-def test_without_the_licence_variable_every_job_is_refused_naming_the_licence(tiny_models, tmp_path):
-    server = WorkerServer(
-        {"QWEN_IMAGE_MODEL": str(tiny_models["qwen-image-2.1"]), "SAFETY_CHECKER": "off"}, tmp_path / "worker.log"
-    ).start()
-    try:
+def test_without_the_licence_variable_every_job_is_refused_naming_the_licence(tiny_models, start_worker):
+    with start_worker(QWEN_IMAGE_MODEL=str(tiny_models["qwen-image-2.1"]), SAFETY_CHECKER="off") as server:
         for payload in ({"prompt": "a kite"}, {"prompt": "a kite", "dry_run": True}):
             body = server.runsync(payload)
             assert body["status"] == "FAILED", body
             for words in (LICENSE, "research and evaluation only", "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=true"):
                 assert words in body["error"], body["error"]
-    finally:
-        server.stop()
