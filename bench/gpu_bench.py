@@ -45,6 +45,14 @@ text tokens (the prompt embeddings), S = N + T, D = heads*head_dim = 3072, L = 6
 Element-wise work (norms, RoPE, GELU, softmax, modulation, residuals) and biases are left out (< 1 %). At 1024^2
 (N = 4096) this is ~7e13 FLOP per forward, the issue's figure (~6.8 B parameters act per token: 12*D^2*L).
 
+``--model qwen-image-2.1`` builds Qwen-Image-2.1 instead (QwenImage21Transformer2DModel 7.1 B, Qwen3-VL 8.8 B,
+AutoencoderKLQwenImage21 0.34 B from ``bench/configs/qwen-image-2.1/``; the tiny Qwen3-VL processor of
+builder/tiny_models.py) and times its card's defaults (``quality``: 40 steps, no CFG) and ``cfg4`` (50 steps, true
+CFG 4, the settings of the issue's anchor, vLLM-Omni's 7.96 s at 1024^2: someone else's number, printed beside ours
+and labelled so). Its FLOP formula is ``qwen21_forward_flops`` (single-stream blocks, 13*D^2*L weights per token,
+block-causal attention, the pipeline's KV cache of the text after the first step). What differs per model is one
+entry of BENCH_MODELS (configs, classes, text inputs, FLOP formula, modes, sizes, anchor).
+
 Usage (on a CUDA machine; see docs/PERFORMANCE.md, "GPU", for carrying diffusers to the lent machine):
 
     python bench/gpu_bench.py                                   # quality + fast at 1024^2 and 1328^2
@@ -54,6 +62,8 @@ Usage (on a CUDA machine; see docs/PERFORMANCE.md, "GPU", for carrying diffusers
     python bench/gpu_bench.py --sizes 1024 --quant fp8           # TRANSFORMER_QUANT=fp8 (compute capability 8.9+)
     python bench/gpu_bench.py --describe                        # parameter counts and FLOPs only, no GPU
     python bench/gpu_bench.py --tiny --device cpu --sizes 256 --steps-quality 2   # logic check on a CPU
+    python bench/gpu_bench.py --model qwen-image-2.1            # 2.1: quality + cfg4 at 1024^2 and 2048^2
+    python bench/gpu_bench.py --model qwen-image-2.1 --describe # its parameters, FLOPs per forward and per image
 """
 
 from __future__ import annotations
@@ -76,6 +86,8 @@ import tempfile
 import time
 import types
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +107,8 @@ QUALITY_CFG = 4.0
 FAST_STEPS = 8  # what the worker's go_fast (FastMode.REGULAR) runs
 DEFAULT_SIZES = (1024, 1328)
 TINY_SIZES = (256,)
-MODES = ("quality", "fast")
+QWEN21_STEPS = 40  # Qwen-Image-2.1's card: 40 steps, no true CFG
+QWEN21_NEGATIVE_PROMPT = "blurry, low quality"  # 2.1 runs true CFG only against a non-blank negative prompt
 WARMUP_STEPS = 2  # quality warm-up runs this many steps: same shapes and kernels, a fraction of the time
 MATMUL_N = 8192
 TINY_MATMUL_N = 256
@@ -123,6 +136,41 @@ LIGHTNING_MODULES = (
 )
 # Words that the tiny tokenizer (BPE learnt on the pipelines' templates) encodes as one token each after a space.
 PROMPT_WORDS = ("the", "color", "shape", "size", "texture", "of", "objects", "and", "background", "image")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One benchmarked way of running the model: a full run's steps and true CFG, or the worker's fast mode."""
+
+    steps: int
+    true_cfg_scale: float  # 1: no true CFG, one transformer forward per step
+    negative_prompt: str | None = None  # None: the worker's own (" " under true CFG on Qwen-Image)
+    fast: bool = False  # the worker's go_fast: Lightning scheduler and 8-step LoRA, CFG off
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """What differs between the benchmarked models (BENCH_MODELS, below the functions it names)."""
+
+    name: str  # --model
+    model_id: str  # the repo whose architecture is built (random weights)
+    config_dir: Path  # its published component configs
+    pipeline_class: str  # diffusers
+    transformer_class: str  # diffusers
+    vae_class: str  # diffusers
+    text_encoder_classes: tuple[str, str]  # transformers config class, model class
+    text_inputs: Callable[[], tuple[dict[str, Any], Any]]  # the pipeline's tokenizer/processor kwargs, the tokenizer
+    tiny_configs: Callable[[Any], dict[str, dict[str, Any]]]  # builder/tiny_models.py's configs (--tiny)
+    embeddings_length: Callable[[Any, str], int]  # prompt embeddings the transformer reads for a prompt
+    forward_flops: Callable[..., dict[str, float]]  # (config, image_tokens, text_tokens, lora_rank, cached)
+    active_params: Callable[[dict[str, Any]], float]  # block weights per token
+    formula_params: Callable[[dict[str, Any]], float]  # the weights the FLOP formula counts
+    modes: dict[str, ModeSpec]
+    default_sizes: tuple[int, ...]
+    size_multiple: int  # the worker's size rule for the model
+    max_side: int
+    kv_cache: bool = False  # later steps read the text's K/V from a cache (their forwards cost less)
+    anchor: dict[str, Any] | None = None  # someone else's published time, shown beside ours, labelled as theirs
 
 
 # ---------------------------------------------------------------------------------------------------- environment
@@ -242,11 +290,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def transformer_forward_flops(
-    config: dict[str, Any], image_tokens: int, text_tokens: int, lora_rank: int = 0
+    config: dict[str, Any], image_tokens: int, text_tokens: int, lora_rank: int = 0, cached: bool = False
 ) -> dict[str, float]:
     """Analytic FLOPs of one QwenImageTransformer2DModel forward for one sample (see the module docstring).
 
-    A multiply-add counts 2. ``config`` is the transformer's config (published or tiny)."""
+    A multiply-add counts 2. ``config`` is the transformer's config (published or tiny). ``cached`` is ignored:
+    Qwen-Image keeps no cache between steps (it is there for the model table's common signature)."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     layers = config["num_layers"]
     ff = 4 * d  # diffusers FeedForward(dim, dim_out=dim, activation_fn="gelu-approximate"): mult 4
@@ -273,6 +322,11 @@ def transformer_forward_flops(
     }
 
 
+def active_params_per_token(config: dict[str, Any]) -> float:
+    """Block weights each token goes through (one stream's q, k, v, out and MLP): 12*D^2*L."""
+    return 12 * (config["num_attention_heads"] * config["attention_head_dim"]) ** 2 * config["num_layers"]
+
+
 def analytic_transformer_params(config: dict[str, Any]) -> float:
     """The weight count the FLOP formula assumes (no biases or norms): a cross-check against the real module."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
@@ -290,25 +344,109 @@ def analytic_transformer_params(config: dict[str, Any]) -> float:
     )
 
 
+def qwen21_forward_flops(
+    config: dict[str, Any], image_tokens: int, text_tokens: int, lora_rank: int = 0, cached: bool = False
+) -> dict[str, float]:
+    """Analytic FLOPs of one QwenImage21Transformer2DModel forward for one sample, text-to-image (diffusers 0.42.1).
+
+    The 2.1 transformer is single-stream: text and image tokens share every block's weights. Per block: q, k, v, out
+    (D x D each, no biases) and a SwiGLU MLP (proj and gate D -> F, out F -> D; F = mlp_ratio*D = 3D), so a token
+    goes through 13*D^2 weights per block. The VAE compresses 16x and patch_size is 1: N = (H/16)*(W/16) image
+    tokens. Attention is block-causal: text tokens attend causally (T(T+1)/2 pairs), the image block to the whole
+    text and to itself (N*(T+N)). With causal_condition the text is modulated from t = 0, so the pipeline
+    (use_kv_cache=True, its default) prefills text+image in the first step (``cached`` False: S = T+N tokens through
+    the blocks) and later steps (``cached`` True) run only the N image tokens, attending to the cached text K/V.
+    Per sample and forward: txt_in (norm, C -> D -> D) on the T text embeddings, img_in (64 -> D), one shared
+    modulation (D -> 4D) and norm_out (D -> D) on two rows (the timestep's and t = 0's), proj_out (D -> 64) on every
+    token that went through the blocks. Norms, RoPE, SiLU/GELU, gates, residuals left out (< 1 %)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    layers = config["num_layers"]
+    ff = config["mlp_ratio"] * d
+    context = config["context_in_dim"]
+    patch = config["patch_size"]
+    c_in = config["in_channels"] * patch * patch
+    c_out = patch * patch * (config.get("out_channels") or config["in_channels"])
+    n, t = image_tokens, text_tokens
+    through_blocks = n if cached else n + t
+    pairs = n * (t + n) + (0 if cached else t * (t + 1) // 2)
+    blocks = 2.0 * through_blocks * (4 * d * d + 3 * d * ff) * layers
+    attention = 4.0 * pairs * d * layers  # Q.K^T and P.V, all heads
+    rows = 2 if config.get("causal_condition", True) else 1  # the sample's timestep row and t = 0's
+    modulation = 2.0 * rows * (d * 4 * d)  # one shared modulation for every block
+    timestep = 2.0 * rows * (256 * d + d * d)
+    embeddings = 2.0 * t * (context * d + d * d) + 2.0 * n * c_in * d + 2.0 * through_blocks * d * c_out
+    norm_out = 2.0 * rows * d * d
+    # rank-r A/B pairs on q, k, v, out (D+D each) and proj, gate, out (D+F each), for the tokens in the blocks
+    lora = 2.0 * through_blocks * lora_rank * (8 * d + 3 * (d + ff)) * layers if lora_rank else 0.0
+    total = blocks + attention + modulation + timestep + embeddings + norm_out + lora
+    return {
+        "total": total,
+        "blocks_linear": blocks,
+        "attention": attention,
+        "modulation": modulation,
+        "embeddings": embeddings + timestep + norm_out,
+        "lora": lora,
+    }
+
+
+def qwen21_active_params_per_token(config: dict[str, Any]) -> float:
+    """Block weights each token goes through: (4 + 3*mlp_ratio)*D^2*L (13*D^2*L at mlp_ratio 3)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    return (4 + 3 * config["mlp_ratio"]) * d * d * config["num_layers"]
+
+
+def qwen21_transformer_params(config: dict[str, Any]) -> float:
+    """The weight count qwen21_forward_flops assumes (2.1 has no biases; norms left out)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = config["patch_size"]
+    c_in = config["in_channels"] * patch * patch
+    c_out = patch * patch * (config.get("out_channels") or config["in_channels"])
+    return (
+        qwen21_active_params_per_token(config)
+        + config["context_in_dim"] * d + d * d  # txt_in
+        + c_in * d  # img_in
+        + d * 4 * d  # modulation
+        + 256 * d + d * d  # timestep MLP
+        + d * d  # norm_out
+        + d * c_out  # proj_out
+    )
+
+
 # ------------------------------------------------------------------------------------------------------- building
 
 
-def load_configs(tiny: bool, tokenizer: Any) -> dict[str, dict[str, Any]]:
-    """The four component configs: the published ones from bench/configs/, or builder/tiny_models.py's tiny ones."""
+def load_configs(model: BenchModel, tiny: bool, tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """The four component configs: the published ones from the model's bench/configs folder, or
+    builder/tiny_models.py's tiny ones (``tokenizer`` sizes the tiny text encoder's vocabulary)."""
     if not tiny:
         return {
-            name: json.loads((CONFIG_DIR / f"{name}_config.json").read_text())
+            name: json.loads((model.config_dir / f"{name}_config.json").read_text())
             for name in ("transformer", "vae", "text_encoder", "scheduler")
         }
+    with _quiet_construction():
+        return model.tiny_configs(tokenizer)
+
+
+def _tiny_qwen_image_configs(tokenizer: Any) -> dict[str, dict[str, Any]]:
     import tiny_models
 
-    with _quiet_construction():
-        return {
-            "transformer": dict(tiny_models._transformer().config),
-            "vae": dict(tiny_models._vae().config),
-            "text_encoder": tiny_models._text_encoder(tokenizer).config.to_dict(),
-            "scheduler": dict(tiny_models.SCHEDULER_CONFIG),
-        }
+    return {
+        "transformer": dict(tiny_models._transformer().config),
+        "vae": dict(tiny_models._vae().config),
+        "text_encoder": tiny_models._text_encoder(tokenizer).config.to_dict(),
+        "scheduler": dict(tiny_models.SCHEDULER_CONFIG),
+    }
+
+
+def _tiny_qwen21_configs(tokenizer: Any) -> dict[str, dict[str, Any]]:
+    import tiny_models
+
+    return {
+        "transformer": dict(tiny_models._qwen21_transformer().config),
+        "vae": dict(tiny_models._qwen21_vae().config),
+        "text_encoder": tiny_models._qwen21_text_encoder(tokenizer).config.to_dict(),
+        "scheduler": dict(tiny_models.SCHEDULER_CONFIG),
+    }
 
 
 def tiny_tokenizer() -> Any:
@@ -320,6 +458,26 @@ def tiny_tokenizer() -> Any:
         for name, text in tiny_models._tokenizer_files().items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
         return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def tiny_text_inputs() -> tuple[dict[str, Any], Any]:
+    """Qwen-Image's text inputs: the pipeline's ``tokenizer`` (tiny_tokenizer), and that tokenizer."""
+    tokenizer = tiny_tokenizer()
+    return {"tokenizer": tokenizer}, tokenizer
+
+
+def tiny_qwen21_text_inputs() -> tuple[dict[str, Any], Any]:
+    """Qwen-Image-2.1's text inputs: builder/tiny_models.py's Qwen3-VL processor (the same tiny tokenizer, its chat
+    template and image processor), loaded as the worker loads one (qwen_worker.processor, no torchvision)."""
+    import tiny_models
+
+    from qwen_worker.processor import load_processor
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in tiny_models._qwen21_processor_files(tiny_models._tokenizer_files()).items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        processor = load_processor(Path(folder), "Qwen3VLProcessor")
+    return {"processor": processor}, processor.tokenizer
 
 
 @contextlib.contextmanager
@@ -338,23 +496,19 @@ def _quiet_construction():
         transformers_log.setLevel(levels[1])
 
 
-def build_empty(kind: str, config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+def build_empty(kind: str, config: dict[str, Any], dtype: torch.dtype, bench_model: BenchModel) -> torch.nn.Module:
     """The component with every parameter on the meta device (no memory), buffers computed as usual."""
+    import diffusers
+    import transformers
     from accelerate import init_empty_weights
 
     with _quiet_construction(), init_empty_weights(include_buffers=False):
-        if kind == "transformer":
-            from diffusers import QwenImageTransformer2DModel
-
-            model = QwenImageTransformer2DModel.from_config(config)
-        elif kind == "vae":
-            from diffusers import AutoencoderKLQwenImage
-
-            model = AutoencoderKLQwenImage.from_config(config)
+        if kind in ("transformer", "vae"):
+            class_name = bench_model.transformer_class if kind == "transformer" else bench_model.vae_class
+            model = getattr(diffusers, class_name).from_config(config)
         elif kind == "text_encoder":
-            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-            model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_dict(config), dtype=dtype)
+            config_class, model_class = (getattr(transformers, name) for name in bench_model.text_encoder_classes)
+            model = model_class._from_config(config_class.from_dict(config), dtype=dtype)
         else:
             raise ValueError(kind)
         if kind != "text_encoder":
@@ -381,8 +535,10 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None
         torch.manual_seed(generator_seed)
         for module in model.modules():
             is_norm = "norm" in type(module).__name__.lower()
+            # Qwen-Image-2.1's zero-centred RMSNorm stores scale - 1: zero is its unit scale.
+            zero_centred = "zerocenter" in type(module).__name__.lower()
             for name, parameter in module.named_parameters(recurse=False):
-                if name.endswith("bias"):
+                if name.endswith("bias") or zero_centred:
                     parameter.zero_()
                 elif is_norm:
                     parameter.fill_(1.0)
@@ -399,16 +555,19 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def build_pipeline(
-    configs: dict[str, dict[str, Any]], tokenizer: Any, device: torch.device | None, dtype: torch.dtype
+    bench_model: BenchModel, configs: dict[str, dict[str, Any]], text_inputs: dict[str, Any],
+    device: torch.device | None, dtype: torch.dtype,
 ) -> tuple[Any, dict[str, Any]]:
-    """A QwenImagePipeline of random-weight components. ``device`` None: leave them on the meta device."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    """The model's pipeline (QwenImagePipeline, QwenImage21Pipeline) of random-weight components and the given
+    tokenizer or processor (``text_inputs``). ``device`` None: leave the components on the meta device."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     components: dict[str, Any] = {}
     info: dict[str, Any] = {}
     for index, kind in enumerate(("transformer", "text_encoder", "vae")):
         started = time.perf_counter()
-        model = build_empty(kind, configs[kind], dtype)
+        model = build_empty(kind, configs[kind], dtype, bench_model)
         if device is not None:
             materialize(model, device, SEED + index)
             synchronize(device)
@@ -423,14 +582,14 @@ def build_pipeline(
             info[kind]["attn_implementation"] = attention
     components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"])
     with _quiet_construction():
-        pipeline = QwenImagePipeline(tokenizer=tokenizer, **components)
+        pipeline = getattr(diffusers, bench_model.pipeline_class)(**text_inputs, **components)
     pipeline.set_progress_bar_config(disable=True)  # as the worker's load_pipeline does
     return pipeline, info
 
 
-def prompt_for(pipeline: Any, text_tokens: int) -> str:
+def prompt_for(pipeline: Any, text_tokens: int, embeddings_length: Callable[[Any, str], int]) -> str:
     """A prompt whose embeddings (what the transformer reads, after the pipeline drops the template's system part)
-    are exactly ``text_tokens`` long with this pipeline's tokenizer."""
+    are exactly ``text_tokens`` long with this pipeline's tokenizer (``embeddings_length``: the model's count)."""
     words: list[str] = []
     while True:
         length = embeddings_length(pipeline, " ".join(words))
@@ -442,8 +601,16 @@ def prompt_for(pipeline: Any, text_tokens: int) -> str:
 
 
 def embeddings_length(pipeline: Any, prompt: str) -> int:
+    """Qwen-Image: the prompt's tokens in the encode template, less the dropped system prefix."""
     template, drop = pipeline.prompt_template_encode, pipeline.prompt_template_encode_start_idx
     return len(pipeline.tokenizer(template.format(prompt))["input_ids"]) - drop
+
+
+def qwen21_embeddings_length(pipeline: Any, prompt: str) -> int:
+    """Qwen-Image-2.1 (text-to-image): the prompt's tokens in its t2i template, less its rendered system turn."""
+    prompt = prompt or " "  # as the pipeline does: an empty prompt becomes a space
+    tokens = pipeline.processor.tokenizer(pipeline.prompt_template_t2i.format(prompt))["input_ids"]
+    return len(tokens) - pipeline._drop_idx
 
 
 # -------------------------------------------------------------------------------------------------------- LoRA
@@ -570,7 +737,7 @@ class ForwardProbe:
             }
         self.forwards.append(
             {"image_tokens": int(hidden.shape[1]), "text_tokens": int(text.shape[1]), "batch": int(hidden.shape[0]),
-             "start": self._mark()}
+             "kv_cache_mode": kwargs.get("kv_cache_mode"), "start": self._mark()}
         )
 
     def _after(self, *_args: Any) -> None:
@@ -581,7 +748,7 @@ class ForwardProbe:
             self.end.synchronize()
         forwards = [
             {"image_tokens": f["image_tokens"], "text_tokens": f["text_tokens"], "batch": f["batch"],
-             "ms": self._elapsed_ms(f["start"], f["end"])}
+             "kv_cache_mode": f["kv_cache_mode"], "ms": self._elapsed_ms(f["start"], f["end"])}
             for f in self.forwards
         ]
         out: dict[str, Any] = {"forwards": forwards, "clock": "cuda events" if self.cuda else "host perf_counter",
@@ -594,15 +761,18 @@ class ForwardProbe:
         return out
 
 
-def request_for(mode: str, size: int, steps_quality: int, prompt: str, fast_lora: bool, warmup: bool) -> dict[str, Any]:
+def request_for(spec: ModeSpec, size: int, steps: int, prompt: str, fast_lora: bool, warmup: bool) -> dict[str, Any]:
+    """The job's input: ``steps`` timed steps of ``spec``'s mode (warm-ups run fewer), or the worker's go_fast."""
     raw: dict[str, Any] = {"prompt": prompt, "width": size, "height": size, "seed": SEED}
-    if mode == "quality":
-        steps = min(steps_quality, WARMUP_STEPS) if warmup else steps_quality
-        raw.update(num_inference_steps=steps, true_cfg_scale=QUALITY_CFG)
+    if not spec.fast:
+        raw.update(num_inference_steps=min(steps, WARMUP_STEPS) if warmup else steps,
+                   true_cfg_scale=spec.true_cfg_scale)
+        if spec.negative_prompt is not None:
+            raw["negative_prompt"] = spec.negative_prompt
     elif fast_lora:
         raw.update(go_fast=True)  # the worker's fast mode: Lightning scheduler + LoRA, 8 steps, no CFG
     else:
-        raw.update(num_inference_steps=FAST_STEPS, true_cfg_scale=1.0)
+        raw.update(num_inference_steps=spec.steps, true_cfg_scale=1.0)
     return raw
 
 
@@ -610,17 +780,19 @@ def one_run(
     runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any,
     job_loras: tuple[tuple[Path, float], ...] = (),
 ) -> dict[str, Any]:
+    from qwen_worker.profiles import request_rules
     from qwen_worker.runner import GenerationJob
-    from qwen_worker.schema import parse_request
+    from qwen_worker.schema import Mode, parse_request
 
-    request = parse_request(raw)
+    # parsed against the served model's rules (its sizes, its CFG rule), as the worker parses a job
+    request = parse_request(raw, request_rules(runner.profile_for(Mode.TEXT_TO_IMAGE)))
     runner.check_request(request)
     job = GenerationJob(request=request, width=size, height=size, loras=job_loras)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    trees = tuple(runner.pipeline_for(request.task).fast.copies.values())
+    trees = tuple(runner.served(request.mode).loaded.fast.copies.values())
     with ForwardProbe(pipeline, device, trees) as probe, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights: NaNs in the decoded image are expected
         generation = runner.generate(job)
@@ -645,11 +817,14 @@ def one_run(
 
 def run_case(
     runner: Any, mode: str, size: int, args: argparse.Namespace, prompt: str, transformer_config: dict[str, Any],
-    pipeline: Any, device: torch.device, matmul_tflops: float, lora_rank: int,
+    pipeline: Any, device: torch.device, matmul_tflops: float, lora_rank: int, bench_model: BenchModel,
 ) -> dict[str, Any]:
-    fast_lora = mode == "fast" and args.fast_lora == "synthetic"
+    spec = bench_model.modes[mode]
+    fast_lora = spec.fast and args.fast_lora == "synthetic"
+    timed_steps = min(args.steps_quality or spec.steps, spec.steps)
+
     def raw(warmup: bool) -> dict[str, Any]:
-        return request_for(mode, size, args.steps_quality, prompt, fast_lora, warmup=warmup)
+        return request_for(spec, size, timed_steps, prompt, fast_lora, warmup=warmup)
 
     # --fast-path today: the Lightning file is loaded and removed per job, as the worker did before issue 12
     per_job = args.per_job_lightning if fast_lora and args.fast_path == "today" else ()
@@ -658,18 +833,17 @@ def run_case(
     runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job) for _ in range(args.repeat)]
     first = runs[0]
     steps = first["steps"]
-    full_steps = QUALITY_STEPS if mode == "quality" else FAST_STEPS
+    full_steps = spec.steps
     rank = lora_rank if fast_lora and args.fast_path != "fused" else 0  # fused: no LoRA matmuls in the forward
     forwards = first["probe"]["forwards"]
-    flops_forwards = [
-        transformer_forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank)["total"] * f["batch"]
+    counted = [
+        bench_model.forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank,
+                                  f.get("kv_cache_mode") == "cached")
         for f in forwards
     ]
+    flops_forwards = [c["total"] * f["batch"] for c, f in zip(counted, forwards, strict=True)]
     denoise_flops = sum(flops_forwards)
-    lora_flops = sum(
-        transformer_forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank)["lora"] * f["batch"]
-        for f in forwards
-    )
+    lora_flops = sum(c["lora"] * f["batch"] for c, f in zip(counted, forwards, strict=True))
 
     def median(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]
@@ -714,14 +888,18 @@ def run_case(
         "runs": runs,
     }
     if steps < full_steps and denoise_ms:
-        # Extrapolated, not measured: per-step time of the steps that ran, times the full step count.
+        # Extrapolated, not measured: per-step time of the steps that ran, times the full step count. FLOPs: the
+        # first step (which prefills 2.1's cache) once, the later steps' mean for the rest.
         est_denoise = denoise_ms / steps * full_steps
+        per_step = max(1, len(forwards) // steps)
+        first_step = sum(flops_forwards[:per_step])
+        later = (denoise_flops - first_step) / (steps - 1) if steps > 1 else first_step
         result["extrapolated_full_run"] = {
             "label": f"EXTRAPOLATED from {steps} timed steps to {full_steps} (not measured)",
             "steps": full_steps,
             "denoise_ms": est_denoise,
             "wall_ms": med["wall_ms"] - denoise_ms + est_denoise,
-            "flops": denoise_flops / steps * full_steps,
+            "flops": first_step + later * (full_steps - 1),
         }
     return result
 
@@ -738,6 +916,7 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    model = BENCH_MODELS[report.get("model", QWEN_IMAGE.name)]
     peak = report["matmul_peak"]
     header = (
         f"{'mode':<11} {'size':>9} {'steps':>7} {'encode':>8} {'denoise':>9} {'den.GPU':>9} {'ms/step':>8} "
@@ -758,7 +937,7 @@ def print_table(report: dict[str, Any]) -> None:
         extrapolated |= bool(full)
         peak_gib = m["peak_allocated_bytes"] / GIB if m["peak_allocated_bytes"] is not None else None
         frac = r["fraction_of_matmul_peak"] * 100 if r["fraction_of_matmul_peak"] is not None else None
-        name = r["mode"] + ("" if r["mode"] != "fast" or r["lora"] else "-nolora")
+        name = r["mode"] + ("-nolora" if model.modes[r["mode"]].fast and not r["lora"] else "")
         print(
             f"{name:<11} {r['size'][0]:>4}x{r['size'][1]:<4} {steps:>7} {_fmt(m['encode_prompt_ms']):>8} "
             f"{_fmt(m['denoise_ms']):>9} {_fmt(m['denoise_probe_ms']):>9} {_fmt(r['per_step_ms'], '.1f'):>8} "
@@ -777,11 +956,24 @@ def print_table(report: dict[str, Any]) -> None:
     if extrapolated:
         print("* full run EXTRAPOLATED from the timed steps' per-step time, not measured.")
     print(f"measured with: {report['measured_with']}")
+    anchor = report.get("anchor")
+    ours = next((r for r in report["results"] if anchor and "error" not in r and r["mode"] == anchor["mode"]
+                 and r["size"][0] == anchor["size"]), None)
+    if anchor:
+        print(f"Anchor, NOT measured here: {anchor['source']}: {anchor['seconds']} s for {anchor['size']}^2, "
+              f"{anchor['steps']} steps, CFG {anchor['true_cfg_scale']:g}, {anchor['dtype']}"
+              + (f"; this run's {anchor['mode']} at that size: {_full_run_ms(ours) / 1000:.2f} s" if ours else ""))
     if report.get("tiny"):
         print("TINY random models on", report["device"]["type"],
-              "- these numbers say nothing about Qwen-Image's speed.")
+              f"- these numbers say nothing about {model.model_id}'s speed.")
     for note in report["notes"]:
         print("note:", note)
+
+
+def _full_run_ms(result: dict[str, Any]) -> float:
+    """The case's full-run wall time: measured, or extrapolated when fewer steps were timed."""
+    full = result.get("extrapolated_full_run")
+    return full["wall_ms"] if full else result["median"]["wall_ms"]
 
 
 def measured_with(ver: dict[str, Any], dev: dict[str, Any]) -> str:
@@ -803,71 +995,197 @@ def write_json(report: dict[str, Any], path: Path, quiet: bool = False) -> None:
         print(f"JSON: {path}")
 
 
+# ---------------------------------------------------------------------------------------------------- the models
+
+
+QWEN_IMAGE = BenchModel(
+    name="qwen-image",
+    model_id="Qwen/Qwen-Image",
+    config_dir=CONFIG_DIR,
+    pipeline_class="QwenImagePipeline",
+    transformer_class="QwenImageTransformer2DModel",
+    vae_class="AutoencoderKLQwenImage",
+    text_encoder_classes=("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    text_inputs=tiny_text_inputs,
+    tiny_configs=_tiny_qwen_image_configs,
+    embeddings_length=embeddings_length,
+    forward_flops=transformer_forward_flops,
+    active_params=active_params_per_token,
+    formula_params=analytic_transformer_params,
+    # quality: the card's 50 steps, true CFG 4; fast: the worker's go_fast
+    modes={"quality": ModeSpec(QUALITY_STEPS, QUALITY_CFG), "fast": ModeSpec(FAST_STEPS, 1.0, fast=True)},
+    default_sizes=DEFAULT_SIZES,
+    size_multiple=16,
+    max_side=2048,
+)
+
+QWEN_IMAGE_21 = BenchModel(
+    name="qwen-image-2.1",
+    model_id="Qwen/Qwen-Image-2.1",
+    config_dir=CONFIG_DIR / "qwen-image-2.1",
+    pipeline_class="QwenImage21Pipeline",
+    transformer_class="QwenImage21Transformer2DModel",
+    vae_class="AutoencoderKLQwenImage21",
+    text_encoder_classes=("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    text_inputs=tiny_qwen21_text_inputs,
+    tiny_configs=_tiny_qwen21_configs,
+    embeddings_length=qwen21_embeddings_length,
+    forward_flops=qwen21_forward_flops,
+    active_params=qwen21_active_params_per_token,
+    formula_params=qwen21_transformer_params,
+    # quality: the card's 40 steps without CFG; cfg4: the anchor's 50 steps, true CFG 4 (2.1 runs CFG only against
+    # a non-blank negative prompt). No fast mode: there is no Lightning LoRA for 2.1 (the worker refuses one).
+    modes={
+        "quality": ModeSpec(QWEN21_STEPS, 1.0),
+        "cfg4": ModeSpec(QUALITY_STEPS, QUALITY_CFG, negative_prompt=QWEN21_NEGATIVE_PROMPT),
+    },
+    default_sizes=(1024, 2048),  # the anchor's size, and the card's native 2K square
+    size_multiple=32,
+    max_side=2752,
+    kv_cache=True,
+    anchor={
+        "source": "vLLM-Omni, as cited in issue 18 (someone else's number: not measured here, hardware not stated)",
+        "seconds": 7.96,
+        "size": 1024,
+        "mode": "cfg4",
+        "steps": QUALITY_STEPS,
+        "true_cfg_scale": QUALITY_CFG,
+        "dtype": "bfloat16",
+    },
+)
+
+BENCH_MODELS: dict[str, BenchModel] = {model.name: model for model in (QWEN_IMAGE, QWEN_IMAGE_21)}
+
+
+def run_flops(
+    bench_model: BenchModel, config: dict[str, Any], spec: ModeSpec, image_tokens: int, cond_tokens: int,
+    uncond_tokens: int, steps: int, lora_rank: int = 0,
+) -> tuple[float, float]:
+    """Analytic transformer FLOPs of (one steady step, ``steps`` steps) in ``spec``'s mode: the first step prefills
+    any cache, later steps read it."""
+
+    def step(cached: bool) -> float:
+        total = bench_model.forward_flops(config, image_tokens, cond_tokens, lora_rank, cached)["total"]
+        if spec.true_cfg_scale > 1:
+            total += bench_model.forward_flops(config, image_tokens, uncond_tokens, lora_rank, cached)["total"]
+        return total
+
+    first, later = step(False), step(bench_model.kv_cache)
+    return later, first + later * (steps - 1)
+
+
 # --------------------------------------------------------------------------------------------------------- modes
 
 
 def describe(args: argparse.Namespace) -> dict[str, Any]:
-    """Parameter counts of the components built on the meta device, and the analytic FLOPs per step at each size."""
-    tokenizer = tiny_tokenizer()
-    configs = load_configs(args.tiny, tokenizer)
-    pipeline, info = build_pipeline(configs, tokenizer, None, torch.bfloat16)
+    """Parameter counts of the components built on the meta device, and the analytic FLOPs per forward, per step
+    and per image (a full run) at each size, for each of the model's modes."""
+    bench_model = BENCH_MODELS[args.model]
+    text_inputs, tokenizer = bench_model.text_inputs()
+    configs = load_configs(bench_model, args.tiny, tokenizer)
+    pipeline, info = build_pipeline(bench_model, configs, text_inputs, None, torch.bfloat16)
     cfg = configs["transformer"]
-    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    negative = embeddings_length(pipeline, " ")
-    sizes = args.sizes or (TINY_SIZES if args.tiny else DEFAULT_SIZES)
+    modes = bench_model.modes
+    negatives = {
+        mode: bench_model.embeddings_length(pipeline, spec.negative_prompt or " ")
+        for mode, spec in modes.items() if spec.true_cfg_scale > 1
+    }
+    negative = next(iter(negatives.values()), 0)
+    sizes = args.sizes or (TINY_SIZES if args.tiny else bench_model.default_sizes)
     rank = args.lora_rank or (TINY_LORA_RANK if args.tiny else LIGHTNING_RANK)
     rows = []
     for size in sizes:
+        # one token per 16x16 pixels: Qwen-Image's 8x VAE with 2x2 patches, 2.1's 16x VAE unpatched
         image_tokens = (size // 16) * (size // 16)
-        cond = transformer_forward_flops(cfg, image_tokens, args.text_tokens)
-        uncond = transformer_forward_flops(cfg, image_tokens, negative)
-        fast_lora = transformer_forward_flops(cfg, image_tokens, args.text_tokens, rank)
-        rows.append({
+        cond = bench_model.forward_flops(cfg, image_tokens, args.text_tokens)
+        row: dict[str, Any] = {
             "size": [size, size],
             "image_tokens": image_tokens,
             "text_tokens_cond": args.text_tokens,
             "text_tokens_uncond": negative,
             "forward_flops_cond": cond["total"],
             "forward_breakdown_cond": cond,
-            "quality_step_flops": cond["total"] + uncond["total"],
-            "fast_step_flops": cond["total"],
-            "fast_step_flops_with_lora": fast_lora["total"],
-            "quality_run_flops": QUALITY_STEPS * (cond["total"] + uncond["total"]),
-            "fast_run_flops": FAST_STEPS * cond["total"],
-        })
-    analytic = analytic_transformer_params(cfg)
+        }
+        if bench_model.kv_cache:
+            cached = bench_model.forward_flops(cfg, image_tokens, args.text_tokens, cached=True)
+            row["forward_flops_cached"] = cached["total"]
+            row["forward_breakdown_cached"] = cached
+        for mode, spec in modes.items():
+            uncond = negatives.get(mode, negative)
+            step, run = run_flops(bench_model, cfg, spec, image_tokens, args.text_tokens, uncond, spec.steps)
+            row[f"{mode}_step_flops"] = step
+            row[f"{mode}_run_flops"] = run  # per image
+            if spec.fast:
+                row[f"{mode}_step_flops_with_lora"] = run_flops(
+                    bench_model, cfg, spec, image_tokens, args.text_tokens, uncond, 1, rank
+                )[0]
+        rows.append(row)
+    analytic = bench_model.formula_params(cfg)
     counted = info["transformer"]["parameters"]
+    anchor = bench_model.anchor
     report = {
         "describe": {
+            "model": bench_model.name,
             "tiny": args.tiny,
-            "configs": "builder/tiny_models.py" if args.tiny else str(CONFIG_DIR.relative_to(ROOT)),
+            "configs": "builder/tiny_models.py" if args.tiny else str(bench_model.config_dir.relative_to(ROOT)),
             "components": {k: {"class": v["class"], "parameters": v["parameters"]} for k, v in info.items()},
-            "active_params_per_token": 12 * width**2 * cfg["num_layers"],
+            "active_params_per_token": bench_model.active_params(cfg),
             "formula_params": analytic,
             "formula_params_fraction": analytic / counted,
             "lora_rank": rank,
+            "modes": {mode: {"steps": spec.steps, "true_cfg_scale": spec.true_cfg_scale, "fast": spec.fast}
+                      for mode, spec in modes.items()},
+            "kv_cache": bench_model.kv_cache,
             "flops": rows,
         },
         "versions": versions(),
     }
-    print("Components built on the meta device (no weights, no memory) from",
+    print(f"{bench_model.model_id}: components built on the meta device (no weights, no memory) from",
           report["describe"]["configs"])
     for kind, v in info.items():
         print(f"  {kind:<13} {v['class']:<38} {v['parameters'] / 1e9:8.3f} B parameters")
-    print(f"  transformer weights per token (12*D^2*L): {report['describe']['active_params_per_token'] / 1e9:.2f} B; "
+    print(f"  transformer weights per token: {report['describe']['active_params_per_token'] / 1e9:.2f} B; "
           f"the FLOP formula's weights cover {analytic / counted * 100:.2f} % of the counted parameters")
-    print(f"Analytic transformer FLOPs (prompt embeddings: {args.text_tokens} tokens; negative ' ': {negative}):")
-    print(f"  {'size':>9} {'img tok':>8} {'fwd (cond)':>11} {'quality/step':>13} {'fast/step':>10} "
-          f"{'fast+LoRA r' + str(rank):>14} {'quality x50':>12} {'fast x8':>10}")
+    print(f"Analytic transformer FLOPs (prompt embeddings: {args.text_tokens} tokens; negative: {negative}):")
+    header = f"  {'size':>9} {'img tok':>8} {'fwd (cond)':>11}"
+    if bench_model.kv_cache:
+        header += f" {'fwd cached':>11}"
+    for mode in modes:
+        header += f" {mode + '/step':>13}"
+        if modes[mode].fast:
+            header += f" {mode + '+LoRA r' + str(rank):>14}"
+    for mode, spec in modes.items():
+        header += f" {mode + ' x' + str(spec.steps):>12}"
+    print(header)
     for row in rows:
-        print(
-            f"  {row['size'][0]:>4}x{row['size'][1]:<4} {row['image_tokens']:>8} {row['forward_flops_cond']:>11.3e} "
-            f"{row['quality_step_flops']:>13.3e} {row['fast_step_flops']:>10.3e} "
-            f"{row['fast_step_flops_with_lora']:>14.3e} "
-            f"{row['quality_run_flops']:>12.3e} {row['fast_run_flops']:>10.3e}"
-        )
-    print("  (quality: two forwards per step, true CFG; fast: one; FLOP = 2 per multiply-add; "
-          "see the module docstring)")
+        line = f"  {row['size'][0]:>4}x{row['size'][1]:<4} {row['image_tokens']:>8} {row['forward_flops_cond']:>11.3e}"
+        if bench_model.kv_cache:
+            line += f" {row['forward_flops_cached']:>11.3e}"
+        for mode in modes:
+            line += f" {row[mode + '_step_flops']:>13.3e}"
+            if modes[mode].fast:
+                line += f" {row[mode + '_step_flops_with_lora']:>14.3e}"
+        for mode in modes:
+            line += f" {row[mode + '_run_flops']:>12.3e}"
+        print(line)
+    described = ", ".join(
+        f"{mode}: {spec.steps} steps, " + ("the worker's go_fast (Lightning LoRA)" if spec.fast else
+                                           f"true CFG {spec.true_cfg_scale:g}" if spec.true_cfg_scale > 1 else
+                                           "no CFG")
+        for mode, spec in modes.items()
+    )
+    print(f"  ({described}; x<steps>: FLOP per image; FLOP = 2 per multiply-add; see the module docstring)")
+    if bench_model.kv_cache:
+        print("  (the first step of a run is the 'fwd (cond)' prefill of text + image; later steps run only the "
+              "image tokens against the cached text K/V, 'fwd cached', as the pipeline's use_kv_cache=True does)")
+    at = next((row for row in rows if anchor and row["size"][0] == anchor["size"]), None)
+    if anchor and at:
+        flops = at[anchor["mode"] + "_run_flops"]
+        implied = flops / anchor["seconds"] / 1e12
+        report["describe"]["anchor"] = {**anchor, "flops": flops, "implied_tflops": implied}
+        print(f"Anchor, NOT measured here: {anchor['source']}: {anchor['seconds']} s for {anchor['size']}^2, "
+              f"{anchor['steps']} steps, CFG {anchor['true_cfg_scale']:g}, {anchor['dtype']}. At this count that run "
+              f"is {flops:.3e} FLOP, so their time implies {implied:.0f} TFLOP/s sustained.")
     return report
 
 
@@ -879,21 +1197,23 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     if stub:
         notes.append(stub)
     from qwen_worker.adapters import FastModes, fuse_lightning, resident_lightning
-    from qwen_worker.loading import LightningFiles, LoadedPipeline
+    from qwen_worker.loading import SUPPORTED_PIPELINES, LightningFiles, LoadedPipeline
     from qwen_worker.models import ResolvedModel
     from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
     from qwen_worker.runner import PipelineRunner
-    from qwen_worker.schema import FastMode, Task
+    from qwen_worker.schema import FastMode
 
+    bench_model = BENCH_MODELS[args.model]
     device = torch.device(args.device)
     if args.dtype == "auto":  # the worker's own choice (loading.dtype_for): bf16 on CUDA, float32 on a CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
     if args.tiny:
-        notes.append("tiny models (builder/tiny_models.py configs): a logic check, not a measurement of Qwen-Image")
-    notes.append("tokenizer: builder/tiny_models.py's (token ids differ from Qwen2.5-VL's; the template, dropped "
-                 "prefix and sequence lengths behave the same, and the lengths seen are recorded per forward)")
+        notes.append(f"tiny models (builder/tiny_models.py configs): a logic check, not a measurement of "
+                     f"{bench_model.model_id}")
+    notes.append("tokenizer: builder/tiny_models.py's (token ids differ from the real text encoder's; the template, "
+                 "dropped prefix and sequence lengths behave the same, and the lengths seen are recorded per forward)")
     notes.append("weights: random (normal 0.02, zero biases, unit norms) made on the device; load_pipeline's "
                  "from_pretrained is not timed (there are no checkpoint files)")
 
@@ -905,14 +1225,18 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         "schema": "qwen-worker gpu_bench 1",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "complete": False,
+        "model": bench_model.name,
         "tiny": args.tiny,
         "device": dev,
         "versions": ver,
         "measured_with": measured_with(ver, dev),
         "git": git_state(),
         "settings": {
-            "sizes": args.sizes, "modes": args.modes, "steps_quality": args.steps_quality, "quality_cfg": QUALITY_CFG,
-            "fast_steps": FAST_STEPS, "fast_lora": args.fast_lora, "fast_path": args.fast_path, "quant": args.quant,
+            "sizes": args.sizes, "modes": args.modes, "steps_quality": args.steps_quality,
+            "mode_specs": {mode: {"steps": spec.steps, "true_cfg_scale": spec.true_cfg_scale, "fast": spec.fast,
+                                  "negative_prompt": spec.negative_prompt}
+                           for mode, spec in bench_model.modes.items()},
+            "fast_lora": args.fast_lora, "fast_path": args.fast_path, "quant": args.quant,
             "lora_rank": lora_rank, "warmup": args.warmup,
             "repeat": args.repeat, "text_tokens": args.text_tokens, "dtype": str(dtype).removeprefix("torch."),
             "seed": SEED, "argv": sys.argv[1:],
@@ -923,6 +1247,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         "weights_allocated_bytes": None,
         "lora": None,
         "results": [],
+        "anchor": bench_model.anchor,
         "notes": notes,
     }
     print(f"device: {dev.get('name')} | {report['measured_with']}", flush=True)
@@ -932,10 +1257,10 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     print(f"matmul peak: {_fmt(peak['tflops_median'], 'rate')} TFLOP/s ({peak['dtype']}, {peak['n']}^3)", flush=True)
     write_json(report, json_path, quiet=True)
 
-    tokenizer = tiny_tokenizer()
-    configs = load_configs(args.tiny, tokenizer)
+    text_inputs, tokenizer = bench_model.text_inputs()
+    configs = load_configs(bench_model, args.tiny, tokenizer)
     started = time.perf_counter()
-    pipeline, info = build_pipeline(configs, tokenizer, device, dtype)
+    pipeline, info = build_pipeline(bench_model, configs, text_inputs, device, dtype)
     synchronize(device)
     report["build_seconds"] = build_seconds = time.perf_counter() - started
     report["components"] = info
@@ -948,7 +1273,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     try:
         lightning = LightningFiles()
         args.per_job_lightning = ()
-        if "fast" in args.modes and args.fast_lora == "synthetic":
+        if any(bench_model.modes[mode].fast for mode in args.modes) and args.fast_lora == "synthetic":
             lora_path = lora_dir / "synthetic-lightning-8step.safetensors"
             report["lora"] = write_synthetic_lightning_lora(lora_path, pipeline.transformer, lora_rank, device, dtype)
             lightning = LightningFiles(eight_step=lora_path)
@@ -986,25 +1311,26 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         )
 
         model = ResolvedModel(
-            model_id="synthetic Qwen/Qwen-Image (random weights)",
-            path=CONFIG_DIR,
+            model_id=f"synthetic {bench_model.model_id} (random weights)",
+            path=bench_model.config_dir,
             revision=None,
             source="bench/gpu_bench.py",
-            pipeline_class="QwenImagePipeline",
+            pipeline_class=bench_model.pipeline_class,
         )
+        task, multi_image = SUPPORTED_PIPELINES[bench_model.pipeline_class]
         loaded = LoadedPipeline(
-            model=model, pipeline=pipeline, task=Task.TEXT_TO_IMAGE, accepts_multiple_images=False,
-            lightning=lightning, fast=fast,
+            model=model, pipeline=pipeline, task=task, accepts_multiple_images=multi_image, lightning=lightning,
+            fast=fast,
         )
         runner = PipelineRunner([loaded], device)
-        prompt = prompt_for(pipeline, args.text_tokens)
+        prompt = prompt_for(pipeline, args.text_tokens, bench_model.embeddings_length)
 
         for size in args.sizes:
             for mode in args.modes:
                 print(f"running {mode} at {size}x{size} ...", flush=True)
                 try:
                     result = run_case(runner, mode, size, args, prompt, configs["transformer"], pipeline, device,
-                                      peak["tflops_median"], lora_rank)
+                                      peak["tflops_median"], lora_rank, bench_model)
                     print(f"  wall {result['median']['wall_ms']:.0f} ms, denoise {result['median']['denoise_ms']:.0f} "
                           f"ms, {_fmt(result['achieved_tflops'], 'rate')} TFLOP/s", flush=True)
                 except Exception as err:  # one failed case (out of memory, say) must not lose the others
@@ -1028,11 +1354,17 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=tuple(BENCH_MODELS), default=QWEN_IMAGE.name,
+                        help="the architecture to build from its bench/configs folder (default qwen-image)")
     parser.add_argument("--sizes", nargs="+", type=_int_list,
-                        help="square sides, e.g. 1024 1328 (default) or 1024,1328")
-    parser.add_argument("--modes", nargs="+", default=None, help="quality and/or fast (default both; commas allowed)")
-    parser.add_argument("--steps-quality", type=int, default=QUALITY_STEPS,
-                        help="quality-mode steps to time (default 50); fewer are extrapolated to 50, clearly labelled")
+                        help="square sides, e.g. 1024 1328 (qwen-image's default; qwen-image-2.1: 1024 2048) or "
+                        "1024,1328")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="qwen-image: quality and/or fast; qwen-image-2.1: quality (40 steps, no CFG) and/or "
+                        "cfg4 (50 steps, CFG 4, the anchor's settings); default all of the model's; commas allowed")
+    parser.add_argument("--steps-quality", type=int, default=None,
+                        help="steps to time in the modes other than fast (default: the mode's full run, 50 or 40); "
+                        "fewer are extrapolated to the full run, clearly labelled")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs per case first (quality warm-ups run 2 steps)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per case (medians reported)")
@@ -1057,21 +1389,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
                         help=f"prompt embeddings the transformer reads (default {DEFAULT_TEXT_TOKENS})")
     args = parser.parse_args(argv)
+    bench_model = BENCH_MODELS[args.model]
     args.sizes = [size for group in args.sizes for size in group] if args.sizes else None
-    modes = [m for group in (args.modes or MODES) for m in group.replace(",", " ").split()]
-    unknown = [m for m in modes if m not in MODES]
+    modes = [m for group in (args.modes or bench_model.modes) for m in group.replace(",", " ").split()]
+    unknown = [m for m in modes if m not in bench_model.modes]
     if unknown:
-        parser.error(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+        parser.error(f"unknown mode(s) {unknown} for {args.model}: choose from {', '.join(bench_model.modes)}")
     args.modes = modes
-    if args.steps_quality < 1 or args.warmup < 0 or args.repeat < 1:
+    if (args.steps_quality is not None and args.steps_quality < 1) or args.warmup < 0 or args.repeat < 1:
         parser.error("--steps-quality and --repeat must be >= 1, --warmup >= 0")
     if args.describe:
         return args
     if not args.sizes:
-        args.sizes = list(TINY_SIZES if args.tiny else DEFAULT_SIZES)
+        args.sizes = list(TINY_SIZES if args.tiny else bench_model.default_sizes)
+    low, high, multiple = 256, bench_model.max_side, bench_model.size_multiple
     for size in args.sizes:
-        if size % 16 or not 256 <= size <= 2048:
-            parser.error(f"size {size}: sides must be multiples of 16 from 256 to 2048 (the worker's rule)")
+        if size % multiple or not low <= size <= high:
+            parser.error(f"size {size}: {args.model} sides must be multiples of {multiple} from {low} to {high} "
+                         "(the worker's rule)")
     if args.device.startswith("cpu") and not args.tiny:
         parser.error("--device cpu is allowed only with --tiny (the full-size models need a GPU)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -11,8 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
-from lora_files import random_pairs, write_diffusers, write_down_up
-from worker_api import WorkerServer, completed_output, decode_data_uri, open_image
+from support.lora_files import random_pairs, write_diffusers, write_down_up
+from support.responses import completed_output, decode_data_uri, open_image
+from support.worker_process import WorkerProcess
 
 from qwen_worker.app import build_worker
 from qwen_worker.config import Settings
@@ -48,40 +49,35 @@ def installed(files, tmp_path_factory):
     return {name: shutil.copy(files[name], folder / files[name].name) for name in ("eight", "four")}
 
 
-def start(tiny_models, tmp_path_factory, name, **env) -> WorkerServer:
-    return WorkerServer(
-        {
-            "QWEN_IMAGE_MODEL": str(tiny_models["qwen-image"]),
-            "QWEN_IMAGE_EDIT_MODEL": "none",
-            "SAFETY_CHECKER": "off",
-            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp(f"{name}-lora-cache")),
-            **env,
-        },
-        tmp_path_factory.mktemp(name) / "worker.log",
-    ).start()
+def start(start_worker, tmp_path_factory, name, **env) -> WorkerProcess:
+    """A text-to-image worker on the tiny pipeline (support.tiny_worker's env), no checker, its own LoRA cache."""
+    return start_worker(
+        QWEN_IMAGE_EDIT_MODEL="none",
+        SAFETY_CHECKER="off",
+        LORA_CACHE_DIR=str(tmp_path_factory.mktemp(f"{name}-lora-cache")),
+        **env,
+    )
 
 
 @pytest.fixture(scope="module")
-def plain_worker(tiny_models, tmp_path_factory):
-    server = start(tiny_models, tmp_path_factory, "no-lightning")
-    yield server
-    server.stop()
+def plain_worker(start_worker, tmp_path_factory):
+    with start(start_worker, tmp_path_factory, "no-lightning") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def fast_worker(tiny_models, tmp_path_factory, installed):
-    server = start(
-        tiny_models,
+def fast_worker(start_worker, tmp_path_factory, installed):
+    with start(
+        start_worker,
         tmp_path_factory,
         "lightning",
         LIGHTNING_LORA=str(installed["eight"]),
         LIGHTNING_LORA_4STEP=str(installed["four"]),
-    )
-    yield server
-    server.stop()
+    ) as server:
+        yield server
 
 
-def png(server: WorkerServer, job: dict) -> bytes:
+def png(server: WorkerProcess, job: dict) -> bytes:
     mime, data = decode_data_uri(completed_output(server.runsync(job))["image_url"])
     assert mime == "image/png"
     return data
@@ -185,7 +181,7 @@ def test_lightning_fuse_with_two_files_is_refused(tiny_models, files):
 
 
 def test_a_lightning_file_for_another_model_stops_the_worker(tiny_models, tmp_path):
-    from lora_files import shaped_pairs
+    from support.lora_files import shaped_pairs
 
     wrong = write_diffusers(tmp_path / "wide.safetensors", shaped_pairs(64, seed=4))
     with pytest.raises(ConfigError, match="Lightning LoRA .*wide.safetensors cannot be applied"):

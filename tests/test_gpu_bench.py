@@ -1,8 +1,9 @@
 """bench/gpu_bench.py without a GPU: its logic on the tiny models, and its FLOP formula against the issue's figures.
 
 The tiny run goes through the worker's own PipelineRunner.generate (quality with true CFG, and fast mode with a
-synthetic Lightning-layout LoRA); ``--describe`` builds the full-size models on the meta device only. The tiny run
-is a subprocess started first so that it overlaps the in-process ``--describe`` (both import diffusers).
+synthetic Lightning-layout LoRA); ``--describe`` builds the full-size models on the meta device only. The same for
+``--model qwen-image-2.1`` (its card's 40 steps without CFG, and 50 steps with CFG 4 as the issue's anchor). The
+tiny runs are subprocesses started first so that they overlap the in-process ``--describe`` (all import diffusers).
 """
 
 from __future__ import annotations
@@ -25,20 +26,30 @@ ISSUE_QUALITY_RUN_FLOPS = 7e15
 TOLERANCE = 0.30
 
 
+def start_tiny_run(out: Path, *extra: str) -> subprocess.Popen[str]:
+    command = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--sizes", "256", "--steps-quality", "2",
+               "--json", str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-bench") / "tiny.json"
-    command = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--sizes", "256", "--steps-quality", "2",
-               "--json", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return process, out
+    return start_tiny_run(out), out
+
+
+@pytest.fixture(scope="module")
+def tiny21_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-bench-21") / "tiny21.json"
+    return start_tiny_run(out, "--model", "qwen-image-2.1"), out
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
     spec = importlib.util.spec_from_file_location("gpu_bench_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -129,3 +140,68 @@ def test_tiny_run_times_the_worker_path_and_writes_json(tiny_run):
         assert set(run["worker_stages_ms"]) == {"encode_prompt", "denoise", "decode"}  # the worker's _StageClock
         assert result["flops"]["denoise"] > 0 and result["achieved_tflops"] > 0
         assert result["median"]["wall_ms"] >= result["median"]["denoise_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- Qwen-Image-2.1
+
+# The issue's anchor for 2.1 (someone else's measurement): 1024^2, 50 steps, CFG 4, bf16 in 7.96 s.
+ANCHOR_SECONDS = 7.96
+
+
+def test_describe_qwen21_counts_its_7b_transformer_and_flops(tiny21_run, gpu_bench, tmp_path):
+    path = tmp_path / "describe21.json"
+    assert gpu_bench.main(["--describe", "--model", "qwen-image-2.1", "--json", str(path)]) == 0
+    described = json.loads(path.read_text())["describe"]
+    assert described["model"] == "qwen-image-2.1" and described["configs"] == "bench/configs/qwen-image-2.1"
+
+    params = {kind: c["parameters"] for kind, c in described["components"].items()}
+    assert 7.0e9 <= params["transformer"] <= 7.2e9, params  # the card's "7B": 7.115 B from the configs
+    assert 8.5e9 <= params["text_encoder"] <= 9.0e9, params  # Qwen3-VL-8B with its vision tower
+    assert 0.3e9 <= params["vae"] <= 0.4e9, params
+    assert described["components"]["transformer"]["class"] == "QwenImage21Transformer2DModel"
+    assert 0.99 <= described["formula_params_fraction"] <= 1.0
+    assert 6.9e9 <= described["active_params_per_token"] <= 7.0e9  # 13 * 4096^2 * 32: single-stream, SwiGLU x3
+
+    at_1024 = {tuple(row["size"]): row for row in described["flops"]}[(1024, 1024)]
+    assert at_1024["image_tokens"] == 64 * 64  # 16x VAE, unpatched
+    prefill, cached = at_1024["forward_flops_cond"], at_1024["forward_flops_cached"]
+    assert 6.0e13 <= cached < prefill <= 7.5e13  # later steps skip the text tokens (KV cache)
+    assert at_1024["quality_run_flops"] == pytest.approx(prefill + 39 * cached)  # the card's 40 steps, one pass
+    assert 1.9 * 50 * cached <= at_1024["cfg4_run_flops"] <= 2 * 50 * prefill  # two passes per step
+    anchor = described["anchor"]
+    assert anchor["seconds"] == ANCHOR_SECONDS and "not measured here" in anchor["source"]
+    assert anchor["implied_tflops"] == pytest.approx(at_1024["cfg4_run_flops"] / ANCHOR_SECONDS / 1e12)
+
+
+def test_qwen21_flop_formula_terms(gpu_bench):
+    config = json.loads((ROOT / "bench" / "configs" / "qwen-image-2.1" / "transformer_config.json").read_text())
+    d, layers, n, t = 4096, 32, 4096, 100
+    prefill = gpu_bench.qwen21_forward_flops(config, image_tokens=n, text_tokens=t)
+    cached = gpu_bench.qwen21_forward_flops(config, image_tokens=n, text_tokens=t, cached=True)
+    assert prefill["blocks_linear"] == 2 * (n + t) * 13 * d * d * layers  # q, k, v, out + SwiGLU 3 x D x 3D
+    assert cached["blocks_linear"] == 2 * n * 13 * d * d * layers
+    assert prefill["attention"] == 4 * (t * (t + 1) // 2 + n * (t + n)) * d * layers  # block-causal
+    assert cached["attention"] == 4 * n * (t + n) * d * layers
+    assert gpu_bench.qwen21_transformer_params(config) == pytest.approx(7.115e9, rel=0.001)
+
+
+def test_tiny_qwen21_run_times_the_card_defaults_and_the_anchor_case(tiny21_run):
+    process, out = tiny21_run
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    rows = [line.split()[0] for line in stdout.splitlines() if line.startswith(("quality ", "cfg4 "))]
+    assert rows == ["quality", "cfg4"], stdout
+    assert "Anchor, NOT measured here" in stdout and "7.96 s" in stdout
+
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["model"] == "qwen-image-2.1"
+    assert report["components"]["transformer"]["class"] == "QwenImage21Transformer2DModel"
+    quality, cfg4 = report["results"]
+    assert quality["steps_full"] == 40 and quality["true_cfg_scale"] == 1.0 and quality["forwards_per_step"] == 1
+    assert cfg4["steps_full"] == 50 and cfg4["true_cfg_scale"] == 4.0 and cfg4["forwards_per_step"] == 2
+    for result in (quality, cfg4):
+        assert result["image_tokens"] == 16 * 16 and result["fast_mode"] == "none" and result["lora"] is None
+        modes = [f["kv_cache_mode"] for f in result["runs"][0]["probe"]["forwards"]]
+        assert modes[0] == "extract" and modes[-1] == "cached"  # the pipeline's KV cache, counted per forward
+        assert result["flops"]["denoise"] > 0 and "EXTRAPOLATED" in result["extrapolated_full_run"]["label"]
+    assert max(quality["text_tokens_seen"]) == report["settings"]["text_tokens"]

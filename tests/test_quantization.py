@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_files import random_pairs, write_diffusers, write_down_up
-from worker_api import decode_data_uri, open_image
+from support.lora_files import random_pairs, write_diffusers, write_down_up
+from support.responses import decode_data_uri, open_image
 
 from qwen_worker.app import build_worker, create_worker
 from qwen_worker.config import Settings

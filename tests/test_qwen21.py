@@ -11,9 +11,13 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from support import lora_files
 from support.images import photo_like, to_bytes
 from support.responses import completed_output, decode_data_uri, open_image
+
+from qwen_worker.app import StartupFailure, create_worker
 
 LICENSE = "Qwen Research License"
 
@@ -159,3 +163,74 @@ def test_without_the_licence_variable_every_job_is_refused_naming_the_licence(ti
             assert body["status"] == "FAILED", body
             for words in (LICENSE, "research and evaluation only", "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=true"):
                 assert words in body["error"], body["error"]
+
+
+# ----------------------------------------------------------------------------------------------------- LoRAs
+
+
+def qwen21_lora(transformer_folder, path, seed: int = 7):
+    """A random LoRA (diffusers layout) on every projection of the tiny 2.1 transformer's single-stream blocks:
+    attn.to_q/k/v/out.0 and the SwiGLU img_mlp.proj/gate_layer/out, the layers a 2.1 LoRA adapts."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    transformer = QwenImage21Transformer2DModel.from_pretrained(str(transformer_folder))
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, module in transformer.named_modules():
+        if name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            pairs[name] = (torch.randn(4, in_features, generator=generator) * 0.3,
+                           torch.randn(out_features, 4, generator=generator) * 0.3)
+    assert len(pairs) == 2 * 7  # two tiny blocks, seven projections each
+    return lora_files.write_diffusers(path, pairs)
+
+
+def test_a_user_lora_changes_the_image_and_leaves_no_trace(worker, tiny_models, tmp_path):
+    # diffusers 0.42.1's QwenImage21Pipeline has QwenImageLoraLoaderMixin: the worker's per-job LoRAs apply to it.
+    lora = qwen21_lora(tiny_models["qwen-image-2.1"] / "transformer", tmp_path / "qwen21-style.safetensors")
+    job = {"prompt": "a red kite", "size": "256*256", "seed": 3, "num_inference_steps": 2}
+
+    def image_bytes(payload):
+        return decode_data_uri(completed_output(worker.runsync(payload))["image_url"])[1]
+
+    plain = image_bytes(job)
+    with_lora = image_bytes({**job, "loras": [{"path": str(lora), "scale": 1.0}]})
+    assert with_lora != plain
+    assert image_bytes(job) == plain  # the adapter was removed after its job
+
+    # A LoRA made for another model (Qwen-Image's layer names at another width, as Qwen-Image's 3072 is to 2.1's
+    # 4096) fails its job naming the entry; the next job is untouched.
+    other = lora_files.write_diffusers(tmp_path / "qwen-image-style.safetensors", lora_files.shaped_pairs(48, 1))
+    body = worker.runsync({**job, "loras": [{"path": str(other)}]})
+    assert body["status"] == "FAILED" and "loras[0]" in body["error"] and "different model" in body["error"], body
+    assert image_bytes(job) == plain
+
+
+LIGHTNING_REFUSALS = [
+    ({"LIGHTNING_LORA": "lightning-8step"}, ["LIGHTNING_LORA"]),
+    ({"LIGHTNING_LORA_4STEP": "lightning-4step"}, ["LIGHTNING_LORA_4STEP"]),
+    # 2.1 also serves the edits when no edit model is configured, so the edit Lightning files would be its too.
+    ({"LIGHTNING_EDIT_LORA": "lightning-edit"}, ["LIGHTNING_EDIT_LORA"]),
+]
+
+
+@pytest.mark.parametrize(("files", "named"), LIGHTNING_REFUSALS, ids=[named[0] for _, named in LIGHTNING_REFUSALS])
+def test_lightning_loras_stop_a_2_1_worker_from_starting(monkeypatch, tmp_path, tiny_models, files, named):
+    for name in ("QWEN_IMAGE_EDIT_MODEL", "BUCKET_NAME", "LIGHTNING_LORA", "LIGHTNING_LORA_4STEP",
+                 "LIGHTNING_EDIT_LORA", "LIGHTNING_EDIT_LORA_4STEP"):
+        monkeypatch.delenv(name, raising=False)
+    model = str(tiny_models["qwen-image-2.1"])
+    env = {"QWEN_IMAGE_MODEL": model, "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "true", "SAFETY_CHECKER": "off",
+           "RUNPOD_VOLUME_PATH": str(tmp_path / "volume")}
+    for variable, stem in files.items():
+        path = tmp_path / f"{stem}.safetensors"
+        path.write_bytes(b"")  # the file exists: the refusal is about the model, not a missing file
+        env[variable] = str(path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    worker = create_worker()
+    assert isinstance(worker, StartupFailure)
+    error = worker.handle({"id": "queued", "input": {"prompt": "a kite"}})["error"]
+    assert error.startswith("The worker could not start: ")
+    for words in (*named, f"QWEN_IMAGE_MODEL={model}", "Qwen-Image-2.1", "Qwen-Image-Lightning", "unset"):
+        assert words in error, error

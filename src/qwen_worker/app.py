@@ -17,10 +17,11 @@ from .errors import ConfigError
 from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
 from .loras import LoraStore, PreparedLoraCache
 from .models import resolve_folder, resolve_model
-from .profiles import PROFILES, check_license, profile_for
+from .profiles import PROFILES, check_license, check_lightning, profile_for
 from .progress import StepProgress, runpod_sender
 from .runner import PipelineRunner
 from .safety import SafetyChecker
+from .schema import Task
 from .storage import InlineStore, LocalDirectoryStore, ResultStore, S3Store
 from .worker import SafetyPolicy, Worker
 
@@ -74,6 +75,12 @@ def build_worker(settings: Settings) -> Worker:
         "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
         "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
     }
+    lightning_set = {
+        "t2i": [name for name, path in (("LIGHTNING_LORA", settings.lightning_lora),
+                                        ("LIGHTNING_LORA_4STEP", settings.lightning_lora_4step)) if path],
+        "edit": [name for name, path in (("LIGHTNING_EDIT_LORA", settings.lightning_edit_lora),
+                                         ("LIGHTNING_EDIT_LORA_4STEP", settings.lightning_edit_lora_4step)) if path],
+    }
     pool = ComponentPool(share=settings.share_components)
     for spec, task, variable in (
         (settings.t2i_model, "t2i", "QWEN_IMAGE_MODEL"),
@@ -86,7 +93,12 @@ def build_worker(settings: Settings) -> Worker:
         )
         if model.pipeline_class in PROFILES:  # an unknown class is refused by load_pipeline, naming the known ones
             # Before any weight is loaded: a research-only model is not served until its licence is accepted.
-            check_license(profile_for(model.pipeline_class), spec, variable, settings.accept_research_license)
+            profile = profile_for(model.pipeline_class)
+            check_license(profile, spec, variable, settings.accept_research_license)
+            variables = lightning_set[task]
+            if task == "t2i" and settings.edit_model is None and Task.EDIT in profile.tasks:
+                variables = variables + lightning_set["edit"]  # it serves the edits too (2.1)
+            check_lightning(profile, spec, variable, variables)
         loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)
     store = build_store(settings)

@@ -16,7 +16,7 @@ Validation, defaults and dry-run quotes read the profile of the model that will 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -62,6 +62,9 @@ class ModelProfile:
     max_prompt_tokens: int | None = 512
     # BATCHED_CFG (acceleration.py) batches the two CFG passes; 2.1's passes carry their own masks and KV caches.
     batched_cfg: bool = True
+    # Fast mode's Lightning LoRAs (LIGHTNING_LORA*) are distilled from Qwen-Image / Qwen-Image-Edit and target
+    # their dual-stream blocks; no Lightning LoRA exists for 2.1, whose single-stream blocks have other layers.
+    lightning: bool = True
 
 
 # Qwen-Image-2.1's card: its native 2K sizes per aspect ratio (sides multiples of 32).
@@ -98,6 +101,7 @@ PROFILES: dict[str, ModelProfile] = {
             "QwenImage21Pipeline", "Qwen-Image-2.1", (Task.TEXT_TO_IMAGE, Task.EDIT), 40, 1.0, QWEN_RESEARCH,
             max_reference_images=10, alpha_output=True, cfg_needs_negative_prompt=True, sizes=QWEN21_SIZE_RULES,
             aspect_ratios=MappingProxyType(QWEN21_ASPECT_RATIOS), max_prompt_tokens=None, batched_cfg=False,
+            lightning=False,
         ),
     )
 }
@@ -144,4 +148,18 @@ def check_license(profile: ModelProfile, model_id: str, variable: str, accepted:
         f"({profile.license.url}), which permits research and evaluation only, not commercial use; "
         f"this worker serves it only after the operator accepts that licence by setting "
         f"{ACCEPT_RESEARCH_LICENSE_VARIABLE}=true"
+    )
+
+
+def check_lightning(profile: ModelProfile, model_id: str, variable: str, lightning_variables: Sequence[str]) -> None:
+    """Refuse, at start-up, Lightning LoRA files configured for a model they were not made for.
+
+    ``lightning_variables``: the LIGHTNING_* variables that are set for the tasks this model will serve."""
+    if profile.lightning or not lightning_variables:
+        return
+    raise ConfigError(
+        f"{', '.join(lightning_variables)} cannot be used with {variable}={model_id}: the Qwen-Image-Lightning "
+        f"LoRAs (fast mode, go_fast) are made for Qwen-Image and Qwen-Image-Edit, whose transformer layers "
+        f"{profile.name} does not have, and there is no Lightning LoRA for {profile.name}; unset "
+        f"{' and '.join(lightning_variables)} (user LoRAs in a job's `loras` still work on {profile.name})"
     )
