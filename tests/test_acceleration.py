@@ -24,6 +24,18 @@ def run(make_worker, jobs=(JOB,), **env: str) -> list[dict]:
     return [worker.handle({"id": f"j{index}", "input": job}) for index, job in enumerate(jobs)]
 
 
+@pytest.fixture(autouse=True)
+def process_wide_attention_backend():
+    """diffusers' set_attention_backend also sets a process-wide default backend; a worker built here with
+    ATTENTION_BACKEND would otherwise change the attention kernel (and so the last bits of every image) of the
+    in-process workers later tests build. Each test leaves the default as it found it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.fixture(scope="module")
 def reference(make_worker):
     return pixels(run(make_worker)[0])

@@ -234,3 +234,9 @@ def test_lightning_loras_stop_a_2_1_worker_from_starting(monkeypatch, tmp_path, 
     assert error.startswith("The worker could not start: ")
     for words in (*named, f"QWEN_IMAGE_MODEL={model}", "Qwen-Image-2.1", "Qwen-Image-Lightning", "unset"):
         assert words in error, error
+
+
+def test_fast_mode_is_refused_naming_the_model_not_a_variable(worker):
+    body = worker.runsync({"prompt": "a kite", "size": "256*256", "go_fast": True})
+    assert body["status"] == "FAILED", body
+    assert "does not exist for Qwen-Image-2.1" in body["error"] and "LIGHTNING_LORA" not in body["error"], body

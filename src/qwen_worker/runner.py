@@ -232,6 +232,11 @@ class PipelineRunner:
                 "Lightning LoRA is fused into the model (LIGHTNING_FUSE=true). Send the request with "
                 + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".')
             )
+        if request.fast_mode is not FastMode.NONE and not loaded.profile.lightning:
+            raise TaskNotServedError(
+                f"Fast mode ({request.fast_mode.value}) does not exist for {loaded.profile.name}: there is no "
+                "Lightning LoRA for it. Send the request without go_fast/acceleration."
+            )
         if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
             variable = _lightning_variable(loaded.task, request.fast_mode)
             raise TaskNotServedError(
