@@ -7,6 +7,9 @@ writes, offline and in seconds, folders laid out like the real Hugging Face repo
 - ``OUT_DIR/qwen-image``: a ``QwenImagePipeline`` (Qwen/Qwen-Image);
 - ``OUT_DIR/qwen-image-edit``: a ``QwenImageEditPipeline`` with its ``processor/`` (Qwen/Qwen-Image-Edit);
 - ``OUT_DIR/qwen-image-edit-plus``: a ``QwenImageEditPlusPipeline`` (Qwen/Qwen-Image-Edit-2509);
+- ``OUT_DIR/qwen-image-layered``: a ``QwenImageLayeredPipeline`` (Qwen/Qwen-Image-Layered): the Qwen-Image transformer
+  with its layer-3D RoPE and extra (RGB/RGBA) time conditioning, a 4-channel (RGBA) VAE and the edit pipelines'
+  ``processor/`` (it captions an image when no prompt is given);
 - ``OUT_DIR/qwen-image-2.1``: a ``QwenImage21Pipeline`` (Qwen/Qwen-Image-2.1): a Qwen3-VL text encoder with its
   ``processor/`` (tokenizer, image processor and chat template, no ``tokenizer/`` of its own), the single-stream
   transformer and the RGBA VAE (16x spatial compression);
@@ -53,6 +56,7 @@ from diffusers import (  # noqa: E402
     QwenImage21Transformer2DModel,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
+    QwenImageLayeredPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -289,9 +293,13 @@ def _text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGenerati
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _transformer() -> QwenImageTransformer2DModel:
+def _transformer(layered: bool = False) -> QwenImageTransformer2DModel:
     torch.manual_seed(SEED)
+    # Qwen-Image-Layered's transformer differs by two switches: a RoPE that gives each layer its own frame index
+    # (the input image's frame counted negatively) and a time embedding with an extra RGB/RGBA condition.
     return QwenImageTransformer2DModel(
+        use_layer3d_rope=layered,
+        use_additional_t_cond=layered,
         patch_size=2,
         in_channels=64,  # 16 latent channels x 2x2 packing
         out_channels=16,
@@ -303,7 +311,8 @@ def _transformer() -> QwenImageTransformer2DModel:
     ).eval()
 
 
-def _vae() -> AutoencoderKLQwenImage:
+def _vae(input_channels: int = 3) -> AutoencoderKLQwenImage:
+    """``input_channels`` 4: Qwen-Image-Layered's VAE, which encodes and decodes RGBA."""
     torch.manual_seed(SEED)
     # Three downsamplings keep the real 8x spatial factor; 4 channels keep 1-megapixel edits affordable on a CPU.
     # latents_mean/std keep their (real) defaults.
@@ -314,6 +323,7 @@ def _vae() -> AutoencoderKLQwenImage:
         num_res_blocks=1,
         attn_scales=[],
         temperal_downsample=[False, True, True],
+        input_channels=input_channels,
     ).eval()
 
 
@@ -365,12 +375,15 @@ def _build_pipeline(folder: Path, pipeline_class: type, tokenizer_files: dict[st
         _write_files(Path(staging), tokenizer_files)
         tokenizer = Qwen2Tokenizer.from_pretrained(staging, local_files_only=True)
 
+    layered = pipeline_class is QwenImageLayeredPipeline
     components: dict[str, Any] = {
+        # Qwen-Image-Layered: assumed to ship Qwen-Image's scheduler config (not checked against the repo offline);
+        # its pipeline passes its own sigmas and mu, so only the shift settings could differ.
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        "vae": _vae(),
+        "vae": _vae(input_channels=4 if layered else 3),
         "text_encoder": _text_encoder(tokenizer),
         "tokenizer": tokenizer,
-        "transformer": _transformer(),
+        "transformer": _transformer(layered=layered),
     }
     edit = pipeline_class is not QwenImagePipeline
     if edit:
@@ -631,6 +644,7 @@ def build_all(out_dir: Path) -> dict[str, Path]:
         "qwen-image": lambda f: _build_pipeline(f, QwenImagePipeline, tokenizer_files),
         "qwen-image-edit": lambda f: _build_pipeline(f, QwenImageEditPipeline, tokenizer_files),
         "qwen-image-edit-plus": lambda f: _build_pipeline(f, QwenImageEditPlusPipeline, tokenizer_files),
+        "qwen-image-layered": lambda f: _build_pipeline(f, QwenImageLayeredPipeline, tokenizer_files),
         "qwen-image-2.1": lambda f: _build_qwen21_pipeline(f, tokenizer_files),
         "safety-checker": _build_safety_checker,
     }
