@@ -1,6 +1,7 @@
 """Shared fixtures. Tests talk only to 127.0.0.1 and never put the runpod SDK in production mode.
 
-    tiny_models    {"qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "safety-checker": folder}, built once
+    tiny_models    {"qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered", "qwen-image-2.1",
+                   "safety-checker": folder}, built once
     start_worker   start_worker(**env, timeout=180) -> WorkerProcess: the real worker process, over HTTP (e2e)
     make_worker    make_worker(**env) -> Worker: the same worker in this process, called with worker.handle(job)
     s3_server      the local SigV4 S3 server (scripts/s3_server.py), or a loud skip where Swift is missing

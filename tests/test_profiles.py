@@ -24,6 +24,7 @@ def test_each_card_default_is_the_models_own():
         "QwenImagePipeline": (50, 4.0),
         "QwenImageEditPipeline": (50, 4.0),
         "QwenImageEditPlusPipeline": (40, 4.0),
+        "QwenImageLayeredPipeline": (50, 4.0),
         "QwenImage21Pipeline": (40, 1.0),
     }
 

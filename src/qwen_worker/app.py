@@ -74,17 +74,20 @@ def build_worker(settings: Settings) -> Worker:
     lightning = {
         "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
         "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
+        "layers": LightningFiles(),  # no Lightning LoRA exists for Qwen-Image-Layered
     }
     lightning_set = {
         "t2i": [name for name, path in (("LIGHTNING_LORA", settings.lightning_lora),
                                         ("LIGHTNING_LORA_4STEP", settings.lightning_lora_4step)) if path],
         "edit": [name for name, path in (("LIGHTNING_EDIT_LORA", settings.lightning_edit_lora),
                                          ("LIGHTNING_EDIT_LORA_4STEP", settings.lightning_edit_lora_4step)) if path],
+        "layers": [],
     }
     pool = ComponentPool(share=settings.share_components)
     for spec, task, variable in (
         (settings.t2i_model, "t2i", "QWEN_IMAGE_MODEL"),
         (settings.edit_model, "edit", "QWEN_IMAGE_EDIT_MODEL"),
+        (settings.layered_model, "layers", "QWEN_IMAGE_LAYERED_MODEL"),
     ):
         if spec is None:
             continue

@@ -56,6 +56,7 @@ class Settings:
     # Models: a local folder or an HF repo id resolved offline; None = task not served.
     t2i_model: str | None = DEFAULT_T2I_MODEL
     edit_model: str | None = None
+    layered_model: str | None = None  # Qwen-Image-Layered: layer decomposition (requests with layers)
     volume_path: Path = Path("/runpod-volume")
     hf_hub_cache: Path | None = None
     require_cuda: bool = False
@@ -120,6 +121,7 @@ class Settings:
         settings = cls(
             t2i_model=reader.model("QWEN_IMAGE_MODEL", default.t2i_model),
             edit_model=reader.model("QWEN_IMAGE_EDIT_MODEL", default.edit_model),
+            layered_model=reader.model("QWEN_IMAGE_LAYERED_MODEL", default.layered_model),
             volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", str(default.volume_path))),
             hf_hub_cache=_hf_hub_cache(env),
             require_cuda=reader.boolean("REQUIRE_CUDA", default.require_cuda),
@@ -163,9 +165,10 @@ class Settings:
                 upper=True,
             ),
         )
-        if settings.t2i_model is None and settings.edit_model is None:
+        if settings.t2i_model is None and settings.edit_model is None and settings.layered_model is None:
             raise ConfigError(
-                "Neither QWEN_IMAGE_MODEL nor QWEN_IMAGE_EDIT_MODEL is set to a model: the worker would serve nothing"
+                "Neither QWEN_IMAGE_MODEL nor QWEN_IMAGE_EDIT_MODEL (nor QWEN_IMAGE_LAYERED_MODEL) is set to a model: "
+                "the worker would serve nothing"
             )
         return settings
 

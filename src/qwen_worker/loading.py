@@ -164,14 +164,17 @@ def load_pipeline(
         apply_acceleration(pipeline.transformer, acceleration)
     for tree in fast.transformers():
         apply_acceleration(tree, acceleration)
-    if acceleration.compile:
+    # The layered pipeline sizes from an input image and takes no width/height, so the warm-up's sizes mean nothing
+    # to it: its first job of each size compiles instead.
+    warms_up = acceleration.compile and task is not Task.LAYERS
+    if warms_up:
         # Each tree is its own graph: warm them all, so no fast job pays a compilation either.
         for mode in (FastMode.NONE, *fast.copies):
             with fast_transformer(pipeline, fast, mode):
                 warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
-    compiled_sizes = set(acceleration.warmup_sizes) if acceleration.compile else None
+    compiled_sizes = set(acceleration.warmup_sizes) if warms_up else None
     return LoadedPipeline(
         model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg
     )

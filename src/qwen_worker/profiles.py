@@ -96,6 +96,13 @@ PROFILES: dict[str, ModelProfile] = {
             "QwenImageEditPlusPipeline", "Qwen-Image-Edit-Plus", (Task.EDIT,), 40, 4.0, APACHE_2,
             max_reference_images=MAX_EDIT_IMAGES,
         ),
+        # Qwen-Image-Layered: decomposes one image into RGBA layers; its card runs 50 steps, true CFG 4 (with
+        # cfg_normalize, runner.py). No Lightning LoRA exists for it, and its transformer's extra time conditioning is
+        # not something batched CFG passes along.
+        ModelProfile(
+            "QwenImageLayeredPipeline", "Qwen-Image-Layered", (Task.LAYERS,), 50, 4.0, APACHE_2, alpha_output=True,
+            batched_cfg=False, lightning=False,
+        ),
         # Qwen-Image-2.1: 40 steps without CFG, 1-10 references, RGBA output, 2K sizes, research licence.
         ModelProfile(
             "QwenImage21Pipeline", "Qwen-Image-2.1", (Task.TEXT_TO_IMAGE, Task.EDIT), 40, 1.0, QWEN_RESEARCH,

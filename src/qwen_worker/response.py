@@ -74,7 +74,8 @@ def dry_run_quote(request: Request, plan: OutputPlan, *, price_per_megapixel: fl
     return {
         "dry_run": True,
         "task": request.mode.value,
-        "cost": cost_of([plan.delivered] * request.num_images, price_per_megapixel),
+        # Priced as a job is: every delivered image, so every layer of a decomposition.
+        "cost": cost_of([plan.delivered] * request.num_outputs, price_per_megapixel),
         "width": plan.delivered[0],
         "height": plan.delivered[1],
         "num_images": request.num_images,
@@ -85,5 +86,6 @@ def dry_run_quote(request: Request, plan: OutputPlan, *, price_per_megapixel: fl
         "output_format": request.output_format.value,
         "prompt": request.effective_prompt,
         **({"strength": request.strength} if request.strength is not None else {}),
+        **({"layers": request.layers, "resolution": request.resolution} if request.layers is not None else {}),
         **({"notes": list(request.notes)} if request.notes else {}),
     }

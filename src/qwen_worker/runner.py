@@ -82,6 +82,7 @@ MODE_ROUTES: dict[Mode, tuple[ModeRoute, ...]] = {
     Mode.IMAGE_TO_IMAGE: (ModeRoute("QwenImagePipeline", "QwenImageImg2ImgPipeline"),),
     Mode.INPAINTING: _INPAINT_ROUTES,
     Mode.OUTPAINTING: _INPAINT_ROUTES,  # outpainting is inpainting a grown canvas's new border
+    Mode.LAYERS: (ModeRoute("QwenImageLayeredPipeline"),),
 }
 
 # When no route's source is loaded: the field that asked for the mode, and what would serve it.
@@ -98,7 +99,14 @@ NOT_SERVED: dict[Mode, str] = {
     "and QWEN_IMAGE_MODEL is off; send the request without strength to edit the image.",
     Mode.INPAINTING: f"This endpoint does not serve inpainting (mask_image): {_INPAINT_MODELS}.",
     Mode.OUTPAINTING: f"This endpoint does not serve outpainting (expand): {_INPAINT_MODELS}.",
+    Mode.LAYERS: "This endpoint does not serve layer decomposition (layers): it needs a Qwen-Image-Layered model "
+    "as QWEN_IMAGE_LAYERED_MODEL, and none is configured.",
 }
+
+# Qwen-Image-Layered's model card: true CFG with the guided prediction rescaled to the conditional one's norm, and
+# an English caption when the request has no prompt.
+LAYERS_CFG_NORMALIZE = True
+LAYERS_CAPTION_IN_ENGLISH = True
 
 
 @dataclass(frozen=True)
@@ -262,9 +270,10 @@ class PipelineRunner:
             torch.inference_mode(),
         ):
             output = pipeline(**call)
-        note = prompt_token_note(pipeline, call["prompt"], loaded.profile.max_prompt_tokens)
-        images = list(output.images)
-        if job.request.background is not Background.TRANSPARENT:
+        note = prompt_token_note(pipeline, call["prompt"] or "", loaded.profile.max_prompt_tokens)
+        # The layered pipeline returns one list of RGBA layers per input image; a job decomposes one image.
+        images = list(output.images[0]) if job.request.mode is Mode.LAYERS else list(output.images)
+        if job.request.background is not Background.TRANSPARENT and job.request.mode is not Mode.LAYERS:
             # Qwen-Image-2.1 always decodes RGBA; unless transparency was asked for, deliver what a viewer shows.
             images = [flatten_alpha(image) for image in images]
         return Generation(
@@ -300,7 +309,17 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
         # steps are honoured with the pipeline's own default grid at that length.
         steps = request.num_inference_steps
         call["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
-    if request.mode is Mode.EDIT:
+    if request.mode is Mode.LAYERS:
+        # The layered pipeline sizes its output from the image and the resolution bucket: it takes no width/height.
+        del call["width"], call["height"]
+        call["image"] = job.inputs[0].convert("RGBA")
+        call["layers"] = request.layers
+        call["resolution"] = request.resolution
+        call["cfg_normalize"] = LAYERS_CFG_NORMALIZE
+        call["use_en_prompt"] = LAYERS_CAPTION_IN_ENGLISH
+        # No prompt: None makes the pipeline caption the image with its own vision-language text encoder.
+        call["prompt"] = request.effective_prompt if request.effective_prompt.strip() else None
+    elif request.mode is Mode.EDIT:
         call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
     elif request.mode is Mode.IMAGE_TO_IMAGE:
         # The pipeline stretches its input to the output size; cropping to the output's aspect first keeps the
@@ -367,9 +386,9 @@ def _pipeline_errors(loaded: LoadedPipeline, job: GenerationJob) -> Iterator[Non
     except torch.OutOfMemoryError:
         # Memory is freed and the worker goes on: the next, smaller job can succeed.
         _free_accelerator_memory()
-        pixels = job.width * job.height * request.num_images
+        pixels = job.width * job.height * request.num_outputs
         raise GenerationError(
-            f"The GPU ran out of memory generating {request.num_images} image(s) of {job.width}x{job.height} "
+            f"The GPU ran out of memory generating {request.num_outputs} image(s) of {job.width}x{job.height} "
             f"({pixels / 1e6:.1f} MP in all); try a smaller size or fewer images."
         ) from None
     except torch.AcceleratorError as err:
@@ -437,7 +456,7 @@ def prompt_token_note(pipeline: Any, prompt: str, limit: int | None = MAX_PROMPT
     """A note when the prompt is longer than the text encoder reads (the rest is silently cut by the pipeline).
 
     ``limit`` None: the pipeline reads the whole prompt (Qwen-Image-2.1), so there is nothing to say."""
-    if limit is None:
+    if limit is None or not prompt:
         return None
     tokens = len(pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if tokens <= limit:

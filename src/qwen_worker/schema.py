@@ -44,6 +44,8 @@ MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
 MAX_PROMPT_CHARS = 10_000
 MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
 MAX_EXPAND = 1024  # pixels added on one side when outpainting
+MIN_LAYERS, MAX_LAYERS = 2, 10  # layer decomposition: the layers asked for (Qwen-Image-Layered's card: 3-10 work best)
+LAYER_RESOLUTIONS = (640, 1024)  # the only two buckets QwenImageLayeredPipeline accepts; the card advises 640
 EXPAND_SIDES = ("left", "right", "top", "bottom")
 
 _SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*\*\s*(\d{1,6})\s*$")
@@ -58,15 +60,17 @@ class Task(str, enum.Enum):
 
     TEXT_TO_IMAGE = "text-to-image"
     EDIT = "edit"
+    LAYERS = "layers"
 
 
 class Mode(str, enum.Enum):
     """What a request asks for, decided once by ``parse_request`` from the fields present (``MODE_RULE``).
 
-    Layer decomposition (``layers``) and ControlNet (``control_image``) are the rule's other two rungs, for when they
-    are served; their fields are unknown to the schema until then.
+    ControlNet (``control_image``) is the rule's other rung, for when it is served; its fields are unknown to the
+    schema until then.
     """
 
+    LAYERS = "layers"
     TEXT_TO_IMAGE = "text-to-image"
     EDIT = "edit"
     IMAGE_TO_IMAGE = "image-to-image"
@@ -80,8 +84,9 @@ class Mode(str, enum.Enum):
 
 
 # The mode rule, first match wins: (the field that selects the mode, the mode). The README states it in one sentence.
-# When layers and control_image are served they take their places: layers first, control_image after strength.
+# When control_image is served it takes its place after strength.
 MODE_RULE: tuple[tuple[str, Mode], ...] = (
+    ("layers", Mode.LAYERS),
     ("mask_image", Mode.INPAINTING),
     ("expand", Mode.OUTPAINTING),
     ("strength", Mode.IMAGE_TO_IMAGE),
@@ -187,6 +192,8 @@ class Request:
     mask_url: str | None = None  # inpainting
     expand: Expand | None = None  # outpainting
     preserve_unmasked: bool = True  # inpainting and outpainting: paste the input back outside the mask
+    layers: int | None = None  # layer decomposition: how many RGBA layers to return
+    resolution: int | None = None  # layer decomposition: the pipeline's size bucket (640 or 1024)
     notes: tuple[str, ...] = ()  # what the worker changed or ignored, reported back in the result
 
     @property
@@ -197,12 +204,18 @@ class Request:
         return denoising_steps(self.num_inference_steps, self.strength)
 
     @property
+    def num_outputs(self) -> int:
+        """The images a job delivers (and is priced for): one per layer when decomposing, else num_images."""
+        return self.layers if self.layers is not None else self.num_images
+
+    @property
     def seeds(self) -> list[int]:
         return [(self.seed + index) % SEED_LIMIT for index in range(self.num_images)]
 
     @property
     def effective_prompt(self) -> str:
-        if not self.enhance_prompt:
+        # A layers request without a prompt stays empty: the pipeline then captions the image itself.
+        if not self.enhance_prompt or not self.prompt.strip():
             return self.prompt
         return self.prompt.rstrip() + (MAGIC_SUFFIX_ZH if mostly_cjk(self.prompt) else MAGIC_SUFFIX_EN)
 
@@ -219,6 +232,7 @@ _FIELDS = frozenset(
         "num_inference_steps", "enable_safety_checker", "disable_safety_checker", "image", "images",
         "output_format", "output_quality", "match_input_size", "loras", "lora_weights", "lora_scale", "go_fast",
         "acceleration", "sync_mode", "watermark", "dry_run", "background", "strength", "expand", "preserve_unmasked",
+        "layers", "resolution",
     }
     | {alias for names in _ALIASES.values() for alias in names}
 )
@@ -241,11 +255,12 @@ def parse_request(
     mode = _mode(fields, _image_count(fields))
     rules = defaults(mode) if callable(defaults) else defaults
     image_urls = _image_urls(fields, rules.max_images)
-    if mode.keeps_input_size:
+    if mode.keeps_input_size or mode is Mode.LAYERS:
         _refuse_size_forms(fields, mode)
+    layers, resolution = _layers(fields, mode)
     width, height = _size(fields, rules, default=(1024, 1024) if mode is Mode.TEXT_TO_IMAGE else None)
     match_input_size = fields.boolean("match_input_size", default=False)
-    if match_input_size and mode is Mode.TEXT_TO_IMAGE:
+    if match_input_size and mode in (Mode.TEXT_TO_IMAGE, Mode.LAYERS):
         raise ValidationError(
             "match_input_size", "applies only to edits and image-to-image (requests with 'image' or 'images')"
         )
@@ -291,6 +306,10 @@ def parse_request(
     if background is Background.TRANSPARENT:
         default_format = OutputFormat.PNG
     output_format = _output_format(fields.optional("output_format"), default_format)
+    if mode is Mode.LAYERS and output_format is OutputFormat.JPEG:
+        raise ValidationError("output_format", "jpeg has no alpha channel, which layers need: use png or webp")
+    if mode is Mode.LAYERS and background is Background.OPAQUE:
+        raise ValidationError("background", "opaque cannot be used with layers: each layer is a transparent RGBA image")
     if background is Background.TRANSPARENT and output_format is OutputFormat.JPEG:
         raise ValidationError("output_format", "jpeg has no alpha channel: use png or webp with background transparent")
     output_quality = fields.integer("output_quality", default=None, low=1, high=100)
@@ -315,9 +334,22 @@ def parse_request(
             )
             true_cfg_scale = 1.0
 
+    num_images = fields.aliased_integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES)
+    if mode is Mode.LAYERS and num_images != 1:
+        raise ValidationError(
+            _given_name(fields, "num_images") or "num_images",
+            "must be 1 with layers: a job decomposes its image once (the layers count sets how many images return)",
+        )
+    # Layer decomposition may go without a prompt: the pipeline then captions the input image itself.
+    prompt = (
+        fields.string("prompt", default="")
+        if mode is Mode.LAYERS
+        else fields.string("prompt", required=True, non_empty=True)
+    )
+
     return Request(
         mode=mode,
-        prompt=fields.string("prompt", required=True, non_empty=True),
+        prompt=prompt,
         negative_prompt=negative_prompt,
         width=width,
         height=height,
@@ -328,7 +360,7 @@ def parse_request(
         output_format=output_format,
         image_urls=image_urls,
         background=background,
-        num_images=fields.aliased_integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES),
+        num_images=num_images,
         output_quality=output_quality,
         match_input_size=match_input_size,
         loras=_loras(fields),
@@ -340,6 +372,8 @@ def parse_request(
         mask_url=fields.aliased_url("mask_image") if mode is Mode.INPAINTING else None,
         expand=_expand(fields) if mode is Mode.OUTPAINTING else None,
         preserve_unmasked=preserve_unmasked if preserve_unmasked is not None else True,
+        layers=layers,
+        resolution=resolution,
         notes=tuple(notes),
     )
 
@@ -439,6 +473,15 @@ def _mode(fields: _Fields, image_count: int) -> Mode:
             "images",
             f"with several images is for Edit-Plus edits; {mode.value} takes one input image: send it as 'image'",
         )
+    if mode is Mode.LAYERS:
+        # Every other mode's selector would be silently ignored: refuse it, naming it.
+        for other, other_mode in MODE_RULE[1:]:
+            other_given = _given_name(fields, other)
+            if other_given is not None:
+                raise ValidationError(
+                    other_given, f"cannot be combined with layers: {other_mode.value} and layer decomposition are "
+                    "separate jobs"
+                )
     if mode is Mode.INPAINTING and fields.optional("expand") is not None:
         raise ValidationError(
             "expand", f"cannot be combined with {given}: outpainting builds its own mask from expand; send one of them"
@@ -458,8 +501,12 @@ def _refuse_size_forms(fields: _Fields, mode: Mode) -> None:
     forms = _size_forms(fields)
     if not forms:
         return
-    selector = _given_name(fields, "mask_image") if mode is Mode.INPAINTING else "expand"
-    returns = "the input image's own dimensions" if mode is Mode.INPAINTING else "the input grown by expand"
+    if mode is Mode.LAYERS:
+        selector, returns = "layers", "the input's aspect ratio at about resolution x resolution pixels"
+    elif mode is Mode.INPAINTING:
+        selector, returns = _given_name(fields, "mask_image") or "mask_image", "the input image's own dimensions"
+    else:
+        selector, returns = "expand", "the input grown by expand"
     raise ValidationError(forms[0].split("/")[0], f"cannot be combined with {selector}: {mode.value} returns {returns}")
 
 
@@ -473,6 +520,21 @@ def _strength(fields: _Fields, mode: Mode) -> float | None:
     if value == 0.0:
         raise ValidationError("strength", "must be greater than 0 (0 would leave the input unchanged), got 0")
     return value
+
+
+def _layers(fields: _Fields, mode: Mode) -> tuple[int | None, int | None]:
+    """Layer decomposition's layer count (it selects the mode) and resolution bucket; resolution alone is refused."""
+    if mode is not Mode.LAYERS:
+        if fields.optional("resolution") is not None:
+            raise ValidationError("resolution", "applies only to layer decomposition (requests with layers)")
+        return None, None
+    layers = fields.integer("layers", default=None, low=MIN_LAYERS, high=MAX_LAYERS)
+    resolution = fields.integer("resolution", default=LAYER_RESOLUTIONS[0])
+    if resolution not in LAYER_RESOLUTIONS:
+        raise ValidationError(
+            "resolution", f"must be {' or '.join(map(str, LAYER_RESOLUTIONS))}, got {preview(resolution)}"
+        )
+    return layers, resolution
 
 
 def _expand(fields: _Fields) -> Expand:

@@ -161,3 +161,18 @@ def _largest_at_aspect(width: int, height: int, field: str, rules: SizeRules) ->
             f"from 1:{limit} to {limit}:1 (sides {rules.min_side} to {rules.max_side} pixels): crop or pad the image",
         )
     return (rules.max_side, rendered_short) if width >= height else (rendered_short, rules.max_side)
+
+
+def layered_size(reference: tuple[int, int], resolution: int, *, field: str = "image") -> tuple[int, int]:
+    """The size QwenImageLayeredPipeline renders its layers at: about ``resolution`` squared pixels at the input's
+    aspect, each side rounded to 32 (its ``calculate_dimensions``, mirrored so quotes and plans know it beforehand)."""
+    ref_width, ref_height = reference
+    ratio = ref_width / ref_height
+    width = math.sqrt(resolution * resolution * ratio)
+    height = width / ratio
+    size = round(width / 32) * 32, round(height / 32) * 32
+    if min(size) < 32:
+        raise ValidationError(
+            field, f"is {ref_width}x{ref_height}, too elongated for layer decomposition at resolution {resolution}"
+        )
+    return size

@@ -21,13 +21,13 @@ from .config import Settings
 from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
 from .inpainting import MaskedCanvas, PasteBack, inpainting_canvas, outpainting_canvas
 from .loras import LoraStore
-from .media import EncodedImage, ImageLimits, encode_image, load_image, load_mask
+from .media import EncodedImage, ImageLimits, encode_image, flatten_alpha, load_image, load_mask
 from .profiles import request_rules
 from .response import dry_run_quote, job_result
 from .runner import GenerationJob, PipelineRunner, ProgressCallback
 from .safety import SafetyChecker
 from .schema import GenerationDefaults, Mode, OutputFormat, Request, parse_request
-from .sizes import OutputPlan, plan_output
+from .sizes import OutputPlan, layered_size, plan_output
 from .storage import InlineStore, ResultStore
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,20 @@ class Worker:
     ) -> tuple[list[tuple[int, Image.Image]], list[bool] | None]:
         """The (seed, image) pairs that may be delivered, and the per-image flags when the checker ran.
 
-        Flagged images are dropped here, before encoding, so they are never stored or returned."""
+        Flagged images are dropped here, before encoding, so they are never stored or returned. Layers are one
+        image taken apart: each is checked as a viewer would see it alone (composited on white), and one flagged
+        layer refuses the whole job, as the others would still add up to most of the flagged picture."""
+        if request.mode is Mode.LAYERS:
+            pairs = [(request.seed, image) for image in images]  # every layer comes from the one seed
+            if not self.safety.applies_to(request):
+                return pairs, None
+            layer_flags = self.safety.check([flatten_alpha(image) for image in images])
+            if any(layer_flags):
+                raise ContentFlaggedError(
+                    f"{sum(layer_flags)} of {len(layer_flags)} layers were flagged by the safety checker; "
+                    "no layer is delivered"
+                )
+            return pairs, layer_flags
         pairs = list(zip(request.seeds, images, strict=True))
         if not self.safety.applies_to(request):
             return pairs, None
@@ -245,6 +258,10 @@ class Worker:
     def _plan_output(
         self, request: Request, inputs: Sequence[Image.Image], canvas: MaskedCanvas | None
     ) -> OutputPlan:
+        if request.mode is Mode.LAYERS and request.resolution is not None:
+            # The layered pipeline decides its size from the input's aspect and the resolution bucket.
+            size = layered_size(inputs[0].size, request.resolution)
+            return OutputPlan(size[0], size[1], size)
         requested = None
         if request.width is not None and request.height is not None:
             requested = (request.width, request.height)
