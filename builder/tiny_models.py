@@ -10,6 +10,9 @@ writes, offline and in seconds, folders laid out like the real Hugging Face repo
 - ``OUT_DIR/qwen-image-layered``: a ``QwenImageLayeredPipeline`` (Qwen/Qwen-Image-Layered): the Qwen-Image transformer
   with its layer-3D RoPE and extra (RGB/RGBA) time conditioning, a 4-channel (RGBA) VAE and the edit pipelines'
   ``processor/`` (it captions an image when no prompt is given);
+- ``OUT_DIR/qwen-image-controlnet``: a ``QwenImageControlNetModel`` (a Qwen-Image ControlNet-Union checkpoint) for the
+  tiny Qwen-Image transformer, its output blocks and input embedder randomised (diffusers zero-initialises them, and a
+  ControlNet left so would change nothing);
 - ``OUT_DIR/qwen-image-2.1``: a ``QwenImage21Pipeline`` (Qwen/Qwen-Image-2.1): a Qwen3-VL text encoder with its
   ``processor/`` (tokenizer, image processor and chat template, no ``tokenizer/`` of its own), the single-stream
   transformer and the RGBA VAE (16x spatial compression);
@@ -54,6 +57,7 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     QwenImage21Pipeline,
     QwenImage21Transformer2DModel,
+    QwenImageControlNetModel,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImageLayeredPipeline,
@@ -631,6 +635,27 @@ def _build_qwen21_pipeline(folder: Path, tokenizer_files: dict[str, str]) -> Non
 # -------------------------------------------------------------------------------------------------------- main
 
 
+def _build_controlnet(folder: Path) -> None:
+    """A ControlNet for the tiny Qwen-Image transformer (same widths, one block), saved as the real checkpoints are:
+    a diffusers model folder (config.json + weights)."""
+    transformer = _transformer()
+    torch.manual_seed(SEED + 1)
+    controlnet = QwenImageControlNetModel.from_transformer(
+        transformer,
+        num_layers=1,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    # diffusers zero-initialises these so a fresh ControlNet starts as a no-op; trained checkpoints are not zero, and
+    # tests that compare outputs with and without it need it to act. Scaled small so the tiny images stay finite.
+    with torch.no_grad():
+        for linear in [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]:
+            linear.weight.normal_(0.0, 0.2)
+            linear.bias.normal_(0.0, 0.2)
+    with _quiet():
+        controlnet.eval().save_pretrained(str(folder), safe_serialization=True)
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -645,6 +670,7 @@ def build_all(out_dir: Path) -> dict[str, Path]:
         "qwen-image-edit": lambda f: _build_pipeline(f, QwenImageEditPipeline, tokenizer_files),
         "qwen-image-edit-plus": lambda f: _build_pipeline(f, QwenImageEditPlusPipeline, tokenizer_files),
         "qwen-image-layered": lambda f: _build_pipeline(f, QwenImageLayeredPipeline, tokenizer_files),
+        "qwen-image-controlnet": _build_controlnet,
         "qwen-image-2.1": lambda f: _build_qwen21_pipeline(f, tokenizer_files),
         "safety-checker": _build_safety_checker,
     }
