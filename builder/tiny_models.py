@@ -640,12 +640,14 @@ def _build_controlnet(folder: Path) -> None:
     a diffusers model folder (config.json + weights)."""
     transformer = _transformer()
     torch.manual_seed(SEED + 1)
-    controlnet = QwenImageControlNetModel.from_transformer(
-        transformer,
-        num_layers=1,
-        attention_head_dim=transformer.config.attention_head_dim,
-        num_attention_heads=transformer.config.num_attention_heads,
-    )
+    # Built from the transformer's own settings (those the ControlNet class takes; from_transformer would also copy
+    # the layered switches into its config, which it then warns about on every load) and initialised from its weights.
+    accepted = inspect.signature(QwenImageControlNetModel.__init__).parameters
+    config = {key: value for key, value in transformer.config.items() if key in accepted}
+    controlnet = QwenImageControlNetModel(**{**config, "num_layers": 1})
+    for name in ("pos_embed", "time_text_embed", "img_in", "txt_in"):
+        getattr(controlnet, name).load_state_dict(getattr(transformer, name).state_dict())
+    controlnet.transformer_blocks.load_state_dict(transformer.transformer_blocks.state_dict(), strict=False)
     # diffusers zero-initialises these so a fresh ControlNet starts as a no-op; trained checkpoints are not zero, and
     # tests that compare outputs with and without it need it to act. Scaled small so the tiny images stay finite.
     with torch.no_grad():
