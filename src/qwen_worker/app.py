@@ -14,7 +14,15 @@ import torch
 
 from .config import Settings
 from .errors import ConfigError
-from .loading import ComponentPool, LightningFiles, LoadedPipeline, dtype_for, load_pipeline, select_device
+from .loading import (
+    ComponentPool,
+    LightningFiles,
+    LoadedPipeline,
+    dtype_for,
+    load_controlnet,
+    load_pipeline,
+    select_device,
+)
 from .loras import LoraStore, PreparedLoraCache
 from .models import resolve_folder, resolve_model
 from .profiles import PROFILES, check_license, check_lightning, profile_for
@@ -116,7 +124,17 @@ def build_worker(settings: Settings) -> Worker:
         prepared=prepared_loras,
     )
     sender = runpod_sender() if settings.report_progress else None
-    runner = PipelineRunner(loaded, device, lora_cache=prepared_loras)
+    controlnet = None
+    if settings.controlnet_model is not None:
+        folder = resolve_folder(
+            settings.controlnet_model,
+            volume_path=settings.volume_path,
+            baked_cache=settings.hf_hub_cache,
+            required_file="config.json",
+            what="ControlNet (QWEN_IMAGE_CONTROLNET_MODEL)",
+        )
+        controlnet = load_controlnet(folder.path, settings.controlnet_model, device)
+    runner = PipelineRunner(loaded, device, lora_cache=prepared_loras, controlnet=controlnet)
     # The modes built on the loaded pipelines (image-to-image, inpainting, ...): from_pipe shares every module, so
     # this takes milliseconds and no memory, and no mode's first job waits for it.
     runner.prepare_modes()

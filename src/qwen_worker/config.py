@@ -57,6 +57,7 @@ class Settings:
     t2i_model: str | None = DEFAULT_T2I_MODEL
     edit_model: str | None = None
     layered_model: str | None = None  # Qwen-Image-Layered: layer decomposition (requests with layers)
+    controlnet_model: str | None = None  # a Qwen-Image ControlNet(-Union): requests with control_image
     volume_path: Path = Path("/runpod-volume")
     hf_hub_cache: Path | None = None
     require_cuda: bool = False
@@ -122,6 +123,7 @@ class Settings:
             t2i_model=reader.model("QWEN_IMAGE_MODEL", default.t2i_model),
             edit_model=reader.model("QWEN_IMAGE_EDIT_MODEL", default.edit_model),
             layered_model=reader.model("QWEN_IMAGE_LAYERED_MODEL", default.layered_model),
+            controlnet_model=reader.model("QWEN_IMAGE_CONTROLNET_MODEL", default.controlnet_model),
             volume_path=Path(reader.text("RUNPOD_VOLUME_PATH", str(default.volume_path))),
             hf_hub_cache=_hf_hub_cache(env),
             require_cuda=reader.boolean("REQUIRE_CUDA", default.require_cuda),

@@ -180,11 +180,12 @@ def load_pipeline(
     )
 
 
-def derive_pipeline(loaded: LoadedPipeline, class_name: str) -> Any:
+def derive_pipeline(loaded: LoadedPipeline, class_name: str, **extra_modules: Any) -> Any:
     """A pipeline of another class built on ``loaded``'s components (``from_pipe``): the same transformer, text
     encoder, VAE, tokenizer, scheduler and, for the edit pipelines, the image-only processor (``processor.py``):
     the same objects, so it costs no memory, and speed options, LoRAs and scheduler swaps reach it as they reach
-    ``loaded``. Building one takes milliseconds.
+    ``loaded``. Building one takes milliseconds. ``extra_modules``: components the derived class has and the loaded
+    one lacks (the ControlNet module).
     """
     import diffusers
     from diffusers.utils import logging as diffusers_logging
@@ -197,11 +198,35 @@ def derive_pipeline(loaded: LoadedPipeline, class_name: str) -> Any:
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipeline = pipeline_class.from_pipe(loaded.pipeline, dtype=dtype)
+        pipeline = pipeline_class.from_pipe(loaded.pipeline, dtype=dtype, **extra_modules)
     finally:
         diffusers_logging.set_verbosity(level)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+CONTROLNET_CLASS = "QwenImageControlNetModel"
+
+
+def load_controlnet(folder: Path, model_id: str, device: torch.device) -> Any:
+    """Load a Qwen-Image ControlNet (a diffusers model folder whose config.json names QwenImageControlNetModel)."""
+    import diffusers
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") != CONTROLNET_CLASS:
+        raise ConfigError(
+            f"QWEN_IMAGE_CONTROLNET_MODEL={model_id} is a {config.get('_class_name')}, not a {CONTROLNET_CLASS}"
+        )
+    started = time.perf_counter()
+    try:
+        module = diffusers.QwenImageControlNetModel.from_pretrained(
+            folder, dtype=dtype_for(device), local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"Could not load ControlNet {model_id} from {folder}: {err}") from err
+    module.to(device).eval()
+    log.info("loaded ControlNet %s on %s in %.1f s", model_id, device, time.perf_counter() - started)
+    return module
 
 
 # The components worth timing one by one and sharing between pipelines: the large torch modules.

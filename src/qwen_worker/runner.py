@@ -83,6 +83,8 @@ MODE_ROUTES: dict[Mode, tuple[ModeRoute, ...]] = {
     Mode.INPAINTING: _INPAINT_ROUTES,
     Mode.OUTPAINTING: _INPAINT_ROUTES,  # outpainting is inpainting a grown canvas's new border
     Mode.LAYERS: (ModeRoute("QwenImageLayeredPipeline"),),
+    # The ControlNet module (QWEN_IMAGE_CONTROLNET_MODEL) joins the text-to-image model's own modules.
+    Mode.CONTROLNET: (ModeRoute("QwenImagePipeline", "QwenImageControlNetPipeline"),),
 }
 
 # When no route's source is loaded: the field that asked for the mode, and what would serve it.
@@ -101,6 +103,8 @@ NOT_SERVED: dict[Mode, str] = {
     Mode.OUTPAINTING: f"This endpoint does not serve outpainting (expand): {_INPAINT_MODELS}.",
     Mode.LAYERS: "This endpoint does not serve layer decomposition (layers): it needs a Qwen-Image-Layered model "
     "as QWEN_IMAGE_LAYERED_MODEL, and none is configured.",
+    Mode.CONTROLNET: "This endpoint does not serve ControlNet (control_image): it needs a Qwen-Image ControlNet as "
+    "QWEN_IMAGE_CONTROLNET_MODEL beside the text-to-image model (QWEN_IMAGE_MODEL).",
 }
 
 # Qwen-Image-Layered's model card: true CFG with the guided prediction rescaled to the conditional one's norm, and
@@ -132,6 +136,7 @@ class GenerationJob:
     inputs: Sequence[Image.Image] = ()
     loras: Sequence[tuple[Path, float]] = ()
     canvas: MaskedCanvas | None = None
+    control: Image.Image | None = None  # ControlNet's control image
 
 
 @dataclass
@@ -153,9 +158,11 @@ class PipelineRunner:
         pipelines: Sequence[LoadedPipeline],
         device: torch.device,
         lora_cache: PreparedLoraCache | None = None,
+        controlnet: Any | None = None,
     ) -> None:
         self.device = device
         self.lora_cache = lora_cache
+        self.controlnet = controlnet  # a QwenImageControlNetModel (QWEN_IMAGE_CONTROLNET_MODEL), or None
         self._by_task: dict[Task, LoadedPipeline] = {}
         for loaded in pipelines:
             if loaded.task in self._by_task:
@@ -185,6 +192,8 @@ class PipelineRunner:
     def route_for(self, mode: Mode) -> tuple[ModeRoute, LoadedPipeline]:
         """The route that serves ``mode`` here and the loaded pipeline it runs on; TaskNotServedError if none."""
         by_class = {loaded.model.pipeline_class: loaded for loaded in self._by_task.values()}
+        if mode is Mode.CONTROLNET and self.controlnet is None:
+            raise TaskNotServedError(NOT_SERVED[mode])
         for route in MODE_ROUTES[mode]:
             if route.source in by_class:
                 return route, by_class[route.source]
@@ -204,7 +213,9 @@ class PipelineRunner:
                 # Inpainting and outpainting run the same class on the same source: one pipeline object for both.
                 key = (route.source, route.pipeline_class)
                 if key not in self._derived:
-                    self._derived[key] = derive_pipeline(loaded, route.pipeline_class)
+                    # The ControlNet pipeline takes one module the loaded pipeline does not have.
+                    extra = {"controlnet": self.controlnet} if mode is Mode.CONTROLNET else {}
+                    self._derived[key] = derive_pipeline(loaded, route.pipeline_class, **extra)
                 self._served[mode] = ServedMode(mode, loaded, route.pipeline_class, self._derived[key])
         return self._served[mode]
 
@@ -319,6 +330,15 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
         call["use_en_prompt"] = LAYERS_CAPTION_IN_ENGLISH
         # No prompt: None makes the pipeline caption the image with its own vision-language text encoder.
         call["prompt"] = request.effective_prompt if request.effective_prompt.strip() else None
+    elif request.mode is Mode.CONTROLNET:
+        if job.control is None:
+            raise ValueError("a ControlNet job needs its control image")
+        # The caller's control image is already preprocessed (canny, depth, pose...); only its size is made to fit.
+        control = job.control
+        if control.size != (job.width, job.height):
+            control = control.resize((job.width, job.height), Image.Resampling.BILINEAR)
+        call["control_image"] = control
+        call["controlnet_conditioning_scale"] = request.controlnet_conditioning_scale
     elif request.mode is Mode.EDIT:
         call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
     elif request.mode is Mode.IMAGE_TO_IMAGE:

@@ -45,6 +45,7 @@ MAX_PROMPT_CHARS = 10_000
 MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
 MAX_EXPAND = 1024  # pixels added on one side when outpainting
 MIN_LAYERS, MAX_LAYERS = 2, 10  # layer decomposition: the layers asked for (Qwen-Image-Layered's card: 3-10 work best)
+MIN_CONTROL_SCALE, MAX_CONTROL_SCALE = 0.0, 2.0  # controlnet_conditioning_scale
 LAYER_RESOLUTIONS = (640, 1024)  # the only two buckets QwenImageLayeredPipeline accepts; the card advises 640
 EXPAND_SIDES = ("left", "right", "top", "bottom")
 
@@ -66,8 +67,7 @@ class Task(str, enum.Enum):
 class Mode(str, enum.Enum):
     """What a request asks for, decided once by ``parse_request`` from the fields present (``MODE_RULE``).
 
-    ControlNet (``control_image``) is the rule's other rung, for when it is served; its fields are unknown to the
-    schema until then.
+    ControlNet (``control_image``) is text-to-image guided by a preprocessed control image (canny, depth, pose...).
     """
 
     LAYERS = "layers"
@@ -76,6 +76,7 @@ class Mode(str, enum.Enum):
     IMAGE_TO_IMAGE = "image-to-image"
     INPAINTING = "inpainting"
     OUTPAINTING = "outpainting"
+    CONTROLNET = "controlnet"
 
     @property
     def keeps_input_size(self) -> bool:
@@ -84,12 +85,12 @@ class Mode(str, enum.Enum):
 
 
 # The mode rule, first match wins: (the field that selects the mode, the mode). The README states it in one sentence.
-# When control_image is served it takes its place after strength.
 MODE_RULE: tuple[tuple[str, Mode], ...] = (
     ("layers", Mode.LAYERS),
     ("mask_image", Mode.INPAINTING),
     ("expand", Mode.OUTPAINTING),
     ("strength", Mode.IMAGE_TO_IMAGE),
+    ("control_image", Mode.CONTROLNET),
 )
 
 
@@ -194,6 +195,8 @@ class Request:
     preserve_unmasked: bool = True  # inpainting and outpainting: paste the input back outside the mask
     layers: int | None = None  # layer decomposition: how many RGBA layers to return
     resolution: int | None = None  # layer decomposition: the pipeline's size bucket (640 or 1024)
+    control_url: str | None = None  # ControlNet: the preprocessed control image
+    controlnet_conditioning_scale: float = 1.0  # ControlNet: how strongly the control image steers
     notes: tuple[str, ...] = ()  # what the worker changed or ignored, reported back in the result
 
     @property
@@ -232,7 +235,7 @@ _FIELDS = frozenset(
         "num_inference_steps", "enable_safety_checker", "disable_safety_checker", "image", "images",
         "output_format", "output_quality", "match_input_size", "loras", "lora_weights", "lora_scale", "go_fast",
         "acceleration", "sync_mode", "watermark", "dry_run", "background", "strength", "expand", "preserve_unmasked",
-        "layers", "resolution",
+        "layers", "resolution", "control_image", "controlnet_conditioning_scale",
     }
     | {alias for names in _ALIASES.values() for alias in names}
 )
@@ -258,9 +261,10 @@ def parse_request(
     if mode.keeps_input_size or mode is Mode.LAYERS:
         _refuse_size_forms(fields, mode)
     layers, resolution = _layers(fields, mode)
-    width, height = _size(fields, rules, default=(1024, 1024) if mode is Mode.TEXT_TO_IMAGE else None)
+    draws_from_text = mode in (Mode.TEXT_TO_IMAGE, Mode.CONTROLNET)
+    width, height = _size(fields, rules, default=(1024, 1024) if draws_from_text else None)
     match_input_size = fields.boolean("match_input_size", default=False)
-    if match_input_size and mode in (Mode.TEXT_TO_IMAGE, Mode.LAYERS):
+    if match_input_size and (draws_from_text or mode is Mode.LAYERS):
         raise ValidationError(
             "match_input_size", "applies only to edits and image-to-image (requests with 'image' or 'images')"
         )
@@ -340,6 +344,14 @@ def parse_request(
             _given_name(fields, "num_images") or "num_images",
             "must be 1 with layers: a job decomposes its image once (the layers count sets how many images return)",
         )
+    control_scale = fields.number(
+        "controlnet_conditioning_scale", default=None, low=MIN_CONTROL_SCALE, high=MAX_CONTROL_SCALE
+    )
+    if control_scale is not None and mode is not Mode.CONTROLNET:
+        raise ValidationError(
+            "controlnet_conditioning_scale", "applies only to ControlNet (requests with control_image)"
+        )
+
     # Layer decomposition may go without a prompt: the pipeline then captions the input image itself.
     prompt = (
         fields.string("prompt", default="")
@@ -374,6 +386,10 @@ def parse_request(
         preserve_unmasked=preserve_unmasked if preserve_unmasked is not None else True,
         layers=layers,
         resolution=resolution,
+        control_url=(
+            fields.string("control_image", non_empty=True, max_chars=MAX_URL_CHARS) if mode is Mode.CONTROLNET else None
+        ),
+        controlnet_conditioning_scale=control_scale if control_scale is not None else 1.0,
         notes=tuple(notes),
     )
 
@@ -466,6 +482,8 @@ def _mode(fields: _Fields, image_count: int) -> Mode:
         return Mode.EDIT if image_count else Mode.TEXT_TO_IMAGE
     name, mode = selected[0]
     given = _given_name(fields, name) or name
+    if mode is Mode.CONTROLNET:
+        return _controlnet_mode(fields, image_count)
     if not image_count:
         raise ValidationError(given, f"needs the input image ('image') for {mode.value}")
     if image_count > 1:
@@ -487,6 +505,18 @@ def _mode(fields: _Fields, image_count: int) -> Mode:
             "expand", f"cannot be combined with {given}: outpainting builds its own mask from expand; send one of them"
         )
     return mode
+
+
+def _controlnet_mode(fields: _Fields, image_count: int) -> Mode:
+    """ControlNet draws from text under the control image's guidance. ControlNet edits and inpainting need other
+    checkpoints, so an input image is refused rather than silently ignored."""
+    if image_count:
+        raise ValidationError(
+            "image" if fields.optional("image") is not None else "images",
+            "cannot be combined with control_image: ControlNet serves text-to-image only (the control image guides "
+            "it)",
+        )
+    return Mode.CONTROLNET
 
 
 def _given_name(fields: _Fields, canonical: str) -> str | None:

@@ -140,6 +140,11 @@ class Worker:
         with _timed(timings, "fetch_inputs"):
             inputs = self._fetch_inputs(request)
             canvas = self._canvas(request, inputs)
+            control = (
+                self.fetch_image(request.control_url, self.image_limits, field="control_image")
+                if request.control_url is not None
+                else None
+            )
         plan = self._plan_output(request, inputs, canvas)
         if request.dry_run:
             return dry_run_quote(request, plan, price_per_megapixel=self.settings.price_per_megapixel)
@@ -150,7 +155,7 @@ class Worker:
             loras = self._resolve_loras(request)
 
         generation = self.runner.generate(
-            GenerationJob(request, plan.width, plan.height, inputs, loras, canvas), self.progress(job)
+            GenerationJob(request, plan.width, plan.height, inputs, loras, canvas, control), self.progress(job)
         )
         timings.update(generation.timings_ms)
         with _timed(timings, "finish"):
