@@ -649,15 +649,7 @@ def _safety_checker(fields: _Fields) -> bool:
 def _fast_mode(fields: _Fields) -> FastMode:
     go_fast = fields.boolean("go_fast", default=None)
     acceleration = fields.optional("acceleration")
-    mode = FastMode.NONE
-    if acceleration is not None:
-        allowed = ", ".join(f'"{m.value}"' for m in FastMode)
-        if not isinstance(acceleration, str):
-            raise ValidationError("acceleration", f"must be one of {allowed}, got {json_type(acceleration)}")
-        try:
-            mode = FastMode(acceleration.strip().lower())
-        except ValueError:
-            raise ValidationError("acceleration", f"must be one of {allowed}, got {preview(acceleration)}") from None
+    mode = FastMode.NONE if acceleration is None else _enum_choice("acceleration", acceleration, FastMode)
     if go_fast is not None:
         if acceleration is not None and go_fast != (mode is not FastMode.NONE):
             raise ValidationError("go_fast", f"contradicts acceleration {mode.value!r}: give one of them")
@@ -702,16 +694,24 @@ def _seed(value: int) -> int:
     return value
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _enum_choice(field: str, value: Any, choices: type[_E]) -> _E:
+    """A string naming one of an enum's values (case and surrounding spaces ignored), or an error listing them."""
+    allowed = ", ".join(f'"{choice.value}"' for choice in choices)
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be one of {allowed}, got {json_type(value)}")
+    try:
+        return choices(value.strip().lower())
+    except ValueError:
+        raise ValidationError(field, f"must be one of {allowed}, got {preview(value)}") from None
+
+
 def _background(value: Any, rules: GenerationDefaults) -> Background:
     if value is None:
         return Background.AUTO
-    allowed = ", ".join(f'"{b.value}"' for b in Background)
-    if not isinstance(value, str):
-        raise ValidationError("background", f"must be one of {allowed}, got {json_type(value)}")
-    try:
-        background = Background(value.strip().lower())
-    except ValueError:
-        raise ValidationError("background", f"must be one of {allowed}, got {preview(value)}") from None
+    background = _enum_choice("background", value, Background)
     if background is Background.TRANSPARENT and not rules.alpha_output:
         raise ValidationError(
             "background", "transparent needs a model that draws alpha (Qwen-Image-2.1); this endpoint's model does not"
