@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.progress_receiver import ProgressReceiver
 from support.tiny_worker import tiny_worker_env
 from support.worker_process import WorkerProcess
 
@@ -87,6 +88,14 @@ def make_worker(tiny_models) -> Callable[..., Worker]:
 
 
 S3_SECRET = "tests-s3-secret-Zq7"  # fixed so a restarted server accepts the same worker configuration
+
+
+@pytest.fixture(scope="module")
+def progress_receiver() -> Iterator[ProgressReceiver]:
+    """Where a worker started with ``RUNPOD_WEBHOOK_POST_OUTPUT=progress_receiver.url_template`` posts progress."""
+    receiver = ProgressReceiver()
+    yield receiver
+    receiver.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,7 @@ fast mode, multi-image edit and progress."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -15,35 +11,6 @@ from support.file_server import file_server
 from support.images import photo_like, to_bytes
 from support.lora_files import random_pairs, write_diffusers
 from support.responses import completed_output, decode_data_uri, open_image
-
-
-class ProgressReceiver:
-    """Stands in for Runpod's job-output endpoint on 127.0.0.1, recording what the SDK's progress_update posts."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict]] = []  # (job id, posted body)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                job_id = parse_qs(urlsplit(self.path).query).get("id", [""])[0]
-                receiver.posts.append((job_id, json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def url_template(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/job-done?id=$ID"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +22,6 @@ def lora_dir(tiny_models, tmp_path_factory):
     write_diffusers(folder / "style.safetensors", random_pairs(transformer, seed=1))
     write_diffusers(folder / "lightning-8step.safetensors", random_pairs(transformer, seed=2))
     return folder
-
-
-@pytest.fixture(scope="module")
-def progress_receiver():
-    receiver = ProgressReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture(scope="module")

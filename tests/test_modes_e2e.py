@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 from support.images import photo_like, to_bytes
 from support.responses import completed_output, decode_data_uri, open_image
-from test_api_breadth import ProgressReceiver
 
 
 def data_uri(image: Image.Image) -> str:
@@ -26,13 +25,6 @@ MASK = Image.new("L", (160, 128), 0)
 MASK.paste(255, (50, 30, 110, 90))
 MASK_BOX = (100, 60, 220, 180)
 SEAM = 32  # the most the paste-back may feather
-
-
-@pytest.fixture(scope="module")
-def progress_receiver():
-    receiver = ProgressReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture(scope="module")

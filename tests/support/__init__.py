@@ -8,6 +8,8 @@
     lora_files       tiny LoRA files in every published layout
     safety_checkers  safety checker folders that flag on purpose
     s3               a boto3 client for the local S3 server (s3_client)
+    progress_receiver  ProgressReceiver: the job-output endpoint progress updates are posted to, on 127.0.0.1
 
-The fixtures that use them (start_worker, make_worker, tiny_models, s3_server) are in tests/conftest.py.
+The fixtures that use them (start_worker, make_worker, tiny_models, s3_server, progress_receiver) are in
+tests/conftest.py.
 """
