@@ -19,6 +19,7 @@ from .loading import (
     LightningFiles,
     LoadedPipeline,
     dtype_for,
+    lightning_variable,
     load_controlnet,
     load_pipeline,
     select_device,
@@ -80,22 +81,15 @@ def build_worker(settings: Settings) -> Worker:
     loaded: list[LoadedPipeline] = []
     fuse = settings.lightning_fuse
     lightning = {
-        "t2i": LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
-        "edit": LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
-        "layers": LightningFiles(),  # no Lightning LoRA exists for Qwen-Image-Layered
-    }
-    lightning_set = {
-        "t2i": [name for name, path in (("LIGHTNING_LORA", settings.lightning_lora),
-                                        ("LIGHTNING_LORA_4STEP", settings.lightning_lora_4step)) if path],
-        "edit": [name for name, path in (("LIGHTNING_EDIT_LORA", settings.lightning_edit_lora),
-                                         ("LIGHTNING_EDIT_LORA_4STEP", settings.lightning_edit_lora_4step)) if path],
-        "layers": [],
+        Task.TEXT_TO_IMAGE: LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
+        Task.EDIT: LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
+        Task.LAYERS: LightningFiles(),  # no Lightning LoRA exists for Qwen-Image-Layered
     }
     pool = ComponentPool(share=settings.share_components)
     for spec, task, variable in (
-        (settings.t2i_model, "t2i", "QWEN_IMAGE_MODEL"),
-        (settings.edit_model, "edit", "QWEN_IMAGE_EDIT_MODEL"),
-        (settings.layered_model, "layers", "QWEN_IMAGE_LAYERED_MODEL"),
+        (settings.t2i_model, Task.TEXT_TO_IMAGE, "QWEN_IMAGE_MODEL"),
+        (settings.edit_model, Task.EDIT, "QWEN_IMAGE_EDIT_MODEL"),
+        (settings.layered_model, Task.LAYERS, "QWEN_IMAGE_LAYERED_MODEL"),
     ):
         if spec is None:
             continue
@@ -106,9 +100,12 @@ def build_worker(settings: Settings) -> Worker:
             # Before any weight is loaded: a research-only model is not served until its licence is accepted.
             profile = profile_for(model.pipeline_class)
             check_license(profile, spec, variable, settings.accept_research_license)
-            variables = lightning_set[task]
-            if task == "t2i" and settings.edit_model is None and Task.EDIT in profile.tasks:
-                variables = variables + lightning_set["edit"]  # it serves the edits too (2.1)
+            # The Lightning files that would apply to this model: its task's, and the edits' when it serves those
+            # too because no edit model is configured (2.1).
+            tasks = [task]
+            if task is Task.TEXT_TO_IMAGE and settings.edit_model is None and Task.EDIT in profile.tasks:
+                tasks.append(Task.EDIT)
+            variables = [lightning_variable(each, mode) for each in tasks for mode in lightning[each].by_mode()]
             check_lightning(profile, spec, variable, variables)
         loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
     safety = build_safety(settings, device)

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ class LightningFiles:
 
     def by_mode(self) -> dict[FastMode, Path]:
         return {mode: path for mode in (FastMode.REGULAR, FastMode.HIGH) if (path := self.for_mode(mode)) is not None}
+
+
+def lightning_variable(task: Task, mode: FastMode) -> str:
+    """The environment variable that names ``task``'s Lightning file for ``mode`` (LIGHTNING_EDIT_LORA_4STEP, ...)."""
+    prefix = "LIGHTNING_EDIT_LORA" if task is Task.EDIT else "LIGHTNING_LORA"
+    return prefix + ("_4STEP" if mode is FastMode.HIGH else "")
 
 
 @dataclass
@@ -131,11 +138,12 @@ def load_pipeline(
 
     started = time.perf_counter()
     try:
+        index = json.loads((model.path / "model_index.json").read_text())
         components = {
             name: pool.load(model, name, library, class_name, device)
-            for name, (library, class_name) in _model_components(model.path).items()
+            for name, (library, class_name) in _model_components(index).items()
         }
-        processor_class = _processor_class(model.path)
+        processor_class = _processor_class(index)
         if processor_class is not None:
             from .processor import load_processor
 
@@ -233,16 +241,16 @@ def load_controlnet(folder: Path, model_id: str, device: torch.device) -> Any:
 MODEL_COMPONENT_NAMES = ("transformer", "text_encoder", "vae")
 
 
-def _processor_class(folder: Path) -> str | None:
+def _processor_class(index: Mapping[str, Any]) -> str | None:
     """The processor class model_index.json names (Qwen2VLProcessor, Qwen3VLProcessor), or None without one."""
-    entry = json.loads((folder / "model_index.json").read_text()).get("processor")
+    entry = index.get("processor")
     if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
         return entry[1]
     return None
 
 
-def _model_components(folder: Path) -> dict[str, tuple[str, str]]:
-    index = json.loads((folder / "model_index.json").read_text())
+def _model_components(index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """The large components model_index.json names, as (library, class name)."""
     return {
         name: (entry[0], entry[1])
         for name, entry in index.items()

@@ -28,7 +28,7 @@ from .acceleration import BatchedTrueCFG
 from .adapters import fast_transformer
 from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .inpainting import MaskedCanvas
-from .loading import LoadedPipeline, derive_pipeline
+from .loading import LoadedPipeline, derive_pipeline, lightning_variable
 from .loras import PreparedLoraCache, applied_loras
 from .media import flatten_alpha
 from .models import ResolvedModel
@@ -257,7 +257,7 @@ class PipelineRunner:
                 "Lightning LoRA for it. Send the request without go_fast/acceleration."
             )
         if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
-            variable = _lightning_variable(loaded.task, request.fast_mode)
+            variable = lightning_variable(loaded.task, request.fast_mode)
             raise TaskNotServedError(
                 f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
                 f"not configured ({variable}). Send the request without go_fast/acceleration."
@@ -483,7 +483,3 @@ def prompt_token_note(pipeline: Any, prompt: str, limit: int | None = MAX_PROMPT
         return None
     return f"the prompt is {tokens} tokens; the text encoder reads only the first {limit}"
 
-
-def _lightning_variable(task: Task, mode: FastMode) -> str:
-    prefix = "LIGHTNING_EDIT_LORA" if task is Task.EDIT else "LIGHTNING_LORA"
-    return prefix + ("_4STEP" if mode is FastMode.HIGH else "")
