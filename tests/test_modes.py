@@ -276,3 +276,10 @@ def test_blending_only_the_masks_box_gives_what_the_whole_image_would():
     assert (np.asarray(paste(generated)) == np.clip(np.rint(whole), 0, 255).astype(np.uint8)).all()
     nothing = PasteBack(inpainting_canvas(original, Image.new("L", (300, 200), 0)))
     assert nothing(generated).tobytes() == original.tobytes()
+
+
+def test_every_mode_has_a_route_and_its_call_arguments():
+    """The two tables a new mode is added to: a mode missing from either would fail its jobs with a KeyError."""
+    from qwen_worker import runner
+
+    assert set(runner.MODE_ROUTES) == set(Mode) == set(runner._MODE_ARGUMENTS)

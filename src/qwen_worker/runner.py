@@ -320,39 +320,7 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
         # steps are honoured with the pipeline's own default grid at that length.
         steps = request.num_inference_steps
         call["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
-    if request.mode is Mode.LAYERS:
-        # The layered pipeline sizes its output from the image and the resolution bucket: it takes no width/height.
-        del call["width"], call["height"]
-        call["image"] = job.inputs[0].convert("RGBA")
-        call["layers"] = request.layers
-        call["resolution"] = request.resolution
-        call["cfg_normalize"] = LAYERS_CFG_NORMALIZE
-        call["use_en_prompt"] = LAYERS_CAPTION_IN_ENGLISH
-        # No prompt: None makes the pipeline caption the image with its own vision-language text encoder.
-        call["prompt"] = request.effective_prompt if request.effective_prompt.strip() else None
-    elif request.mode is Mode.CONTROLNET:
-        if job.control is None:
-            raise ValueError("a ControlNet job needs its control image")
-        # The caller's control image is already preprocessed (canny, depth, pose...); only its size is made to fit.
-        control = job.control
-        if control.size != (job.width, job.height):
-            control = control.resize((job.width, job.height), Image.Resampling.BILINEAR)
-        call["control_image"] = control
-        call["controlnet_conditioning_scale"] = request.controlnet_conditioning_scale
-    elif request.mode is Mode.EDIT:
-        call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
-    elif request.mode is Mode.IMAGE_TO_IMAGE:
-        # The pipeline stretches its input to the output size; cropping to the output's aspect first keeps the
-        # proportions when a size of another aspect is asked for.
-        call["image"] = ImageOps.fit(job.inputs[0], (job.width, job.height), Image.Resampling.LANCZOS)
-        call["strength"] = request.strength
-    elif request.mode in (Mode.INPAINTING, Mode.OUTPAINTING):
-        if job.canvas is None:
-            raise ValueError(f"a {request.mode.value} job needs its canvas")
-        # White (255) is repainted: the diffusers convention, and the worker's masks follow it.
-        call["image"] = job.canvas.image
-        call["mask_image"] = job.canvas.mask
-        call["strength"] = request.strength
+    _MODE_ARGUMENTS[request.mode](call, served, job)
     if on_progress is not None:
         total = request.denoising_steps  # with a strength, only the last part of the schedule runs
 
@@ -362,6 +330,70 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
 
         call["callback_on_step_end"] = report
     return call
+
+
+# What each mode adds to (or takes from) the call arguments every mode shares: one small function per mode.
+ModeArguments = Callable[[dict[str, Any], ServedMode, GenerationJob], None]
+
+
+def _text_to_image_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    """Nothing beyond the shared arguments."""
+
+
+def _edit_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
+
+
+def _image_to_image_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    # The pipeline stretches its input to the output size; cropping to the output's aspect first keeps the
+    # proportions when a size of another aspect is asked for.
+    call["image"] = ImageOps.fit(job.inputs[0], (job.width, job.height), Image.Resampling.LANCZOS)
+    call["strength"] = job.request.strength
+
+
+def _inpainting_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    """Inpainting, and outpainting (inpainting a grown canvas's new border)."""
+    if job.canvas is None:
+        raise ValueError(f"a {job.request.mode.value} job needs its canvas")
+    # White (255) is repainted: the diffusers convention, and the worker's masks follow it.
+    call["image"] = job.canvas.image
+    call["mask_image"] = job.canvas.mask
+    call["strength"] = job.request.strength
+
+
+def _layers_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    request = job.request
+    # The layered pipeline sizes its output from the image and the resolution bucket: it takes no width/height.
+    del call["width"], call["height"]
+    call["image"] = job.inputs[0].convert("RGBA")
+    call["layers"] = request.layers
+    call["resolution"] = request.resolution
+    call["cfg_normalize"] = LAYERS_CFG_NORMALIZE
+    call["use_en_prompt"] = LAYERS_CAPTION_IN_ENGLISH
+    # No prompt: None makes the pipeline caption the image with its own vision-language text encoder.
+    call["prompt"] = request.effective_prompt if request.effective_prompt.strip() else None
+
+
+def _controlnet_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
+    if job.control is None:
+        raise ValueError("a ControlNet job needs its control image")
+    # The caller's control image is already preprocessed (canny, depth, pose...); only its size is made to fit.
+    control = job.control
+    if control.size != (job.width, job.height):
+        control = control.resize((job.width, job.height), Image.Resampling.BILINEAR)
+    call["control_image"] = control
+    call["controlnet_conditioning_scale"] = job.request.controlnet_conditioning_scale
+
+
+_MODE_ARGUMENTS: dict[Mode, ModeArguments] = {
+    Mode.TEXT_TO_IMAGE: _text_to_image_arguments,
+    Mode.EDIT: _edit_arguments,
+    Mode.IMAGE_TO_IMAGE: _image_to_image_arguments,
+    Mode.INPAINTING: _inpainting_arguments,
+    Mode.OUTPAINTING: _inpainting_arguments,
+    Mode.LAYERS: _layers_arguments,
+    Mode.CONTROLNET: _controlnet_arguments,
+}
 
 
 def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
