@@ -12,8 +12,8 @@
                        Not combinable with STEP_CACHE, whose caches are per pass.
     COMPILE            off (default) | regional: torch.compile of the repeated transformer block, warmed up at start
                        for COMPILE_WARMUP_SIZES ("1024*1024,1328*1328") so no user request pays the compile; other
-                       sizes compile on first use (logged). LoRA jobs run compiled: loading and unloading a LoRA
-                       swaps modules, which makes dynamo recompile the affected blocks (correct, but slower that job).
+                       sizes compile on first use (logged). Every transformer tree (plain, Lightning copies, LoRA
+                       slots) is compiled and warmed, so switching between them compiles nothing (lora_slots.py).
 
 Which of these win is a GPU question (docs/PERFORMANCE.md); equivalence to the reference is tested on the CPU.
 
@@ -91,6 +91,26 @@ def apply_acceleration(transformer: Any, settings: AccelerationSettings) -> None
     if settings.compile:
         transformer.compile_repeated_blocks(fullgraph=True)
         log.info("regional compilation enabled for %s", ", ".join(transformer._repeated_blocks))
+
+
+def allow_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` more compiled graphs of the transformer block's forward.
+
+    Every tree of every pipeline (plain, Lightning copies, LoRA-slot copies; text-to-image and edit) runs the same
+    block ``forward`` code, and each tree's module structure is a graph of its own. Past dynamo's recompile limit
+    (8 by default, counted per code object over the whole process) a ``fullgraph`` compile fails the job, so each
+    pipeline that compiles adds its trees to the limit.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    global _graphs_allowed
+    _graphs_allowed += count
+    if _graphs_allowed > dynamo_config.recompile_limit:
+        dynamo_config.recompile_limit = _graphs_allowed
+        log.info("dynamo's recompile limit raised to %d (compiled trees x sizes)", _graphs_allowed)
+
+
+_graphs_allowed = 0  # what allow_graphs has asked for so far in this process
 
 
 def _cache_config(settings: AccelerationSettings) -> Any:

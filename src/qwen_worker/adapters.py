@@ -17,8 +17,8 @@ Two ways, chosen by ``LIGHTNING_FUSE`` (the measurements behind the choice are i
 A fused *second* transformer beside the plain one was measured too and not taken: it saves the LoRA's matmuls in a
 fast job (~2.5 % of the FLOPs at rank 64) for the memory of a whole second transformer (~41 GB in bf16).
 
-Per-job LoRAs (``loras.applied_loras``) are added to whichever tree the job runs on, beside the resident Lightning
-adapter, and removed again afterwards.
+Per-job LoRAs run on the LoRA-slot copy of the job's tree (``lora_slots.py``), or, when they do not fit a slot, are
+added to the tree itself beside the resident Lightning adapter (``loras.applied_loras``) and removed afterwards.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ LIGHTNING_ADAPTER = "lightning"
 
 @dataclass
 class FastModes:
-    """What a pipeline does for each fast mode, built once by ``build_fast_modes``.
+    """What a pipeline does for each fast mode, built once at load time (``resident_lightning`` or ``fuse_lightning``).
 
     ``copies``: the transformer tree to run per mode (resident adapters). ``fused``: the one mode merged into the
     pipeline's own transformer (``LIGHTNING_FUSE``); when set, that is the only mode served, and plain jobs are not.
@@ -139,6 +139,13 @@ def fast_transformer(pipeline: Any, fast: FastModes, mode: FastMode) -> Iterator
     if tree is None:  # plain, or the fused mode: the pipeline's own transformer
         yield
         return
+    with swapped_transformer(pipeline, tree):
+        yield
+
+
+@contextmanager
+def swapped_transformer(pipeline: Any, tree: Any) -> Iterator[None]:
+    """Run the block with ``tree`` as the pipeline's transformer, and always put the pipeline's own one back."""
     own = pipeline.transformer
     pipeline.transformer = tree
     try:

@@ -107,7 +107,9 @@ def build_worker(settings: Settings) -> Worker:
                 tasks.append(Task.EDIT)
             variables = [lightning_variable(each, mode) for each in tasks for mode in lightning[each].by_mode()]
             check_lightning(profile, spec, variable, variables)
-        loaded.append(load_pipeline(model, device, lightning[task], pool, settings.acceleration))
+        loaded.append(
+            load_pipeline(model, device, lightning[task], pool, settings.acceleration, settings.lora_slot_rank)
+        )
     safety = build_safety(settings, device)
     store = build_store(settings)
     log.info("results go to %s", store.description)

@@ -89,6 +89,8 @@ class Settings:
     lora_max_bytes: int = 2 * 1000**3
     # Prepared (read, parsed, converted) LoRAs kept in host memory by content hash; 0 = prepare every job's files.
     lora_memory_cache_bytes: int = 8 * 1000**3
+    # Rank of the LoRA slots (lora_slots.py): user LoRAs copied into resident adapters per job; 0 = loaded per job.
+    lora_slot_rank: int = 64
     # Lightning fast mode: the distillation LoRAs, per task (8-step and 4-step files). None = not installed.
     lightning_lora: Path | None = None
     lightning_lora_4step: Path | None = None
@@ -150,6 +152,7 @@ class Settings:
             lora_memory_cache_bytes=reader.integer(
                 "LORA_MEMORY_CACHE_BYTES", default.lora_memory_cache_bytes, low=0, high=1 << 44
             ),
+            lora_slot_rank=reader.integer("LORA_SLOT_RANK", default.lora_slot_rank, low=0, high=1024),
             lightning_lora=reader.path("LIGHTNING_LORA", default.lightning_lora),
             lightning_lora_4step=reader.path("LIGHTNING_LORA_4STEP", default.lightning_lora_4step),
             lightning_edit_lora=reader.path("LIGHTNING_EDIT_LORA", default.lightning_edit_lora),

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from .acceleration import AccelerationSettings, apply_acceleration, warm_up
-from .adapters import FastModes, fast_transformer, fuse_lightning, resident_lightning
+from .acceleration import AccelerationSettings, allow_graphs, apply_acceleration, warm_up
+from .adapters import FastModes, fuse_lightning, resident_lightning, swapped_transformer
 from .errors import ConfigError
+from .lora_slots import LoraSlots, build_slots
 from .models import ResolvedModel
 from .profiles import PROFILES, ModelProfile, profile_for
 from .quantization import quantize_transformer
@@ -81,6 +82,7 @@ class LoadedPipeline:
     fast: FastModes = field(default_factory=FastModes)  # the Lightning files, applied once (adapters.py)
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
     batched_cfg: bool = False
+    slots: LoraSlots | None = None  # user LoRAs written in place per job (lora_slots.py); None: loaded per job
 
     @property
     def profile(self) -> ModelProfile:
@@ -109,6 +111,7 @@ def load_pipeline(
     lightning: LightningFiles = LightningFiles(),
     pool: ComponentPool | None = None,
     acceleration: AccelerationSettings = AccelerationSettings(),
+    lora_slot_rank: int = 0,
 ) -> LoadedPipeline:
     """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
 
@@ -116,6 +119,7 @@ def load_pipeline(
     through ``pool`` so that a component already loaded for another pipeline, with identical files, is reused
     rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are read and
     applied now, once (``adapters.py``): a bad file stops the worker instead of failing jobs, and no job reads them.
+    ``lora_slot_rank`` (LORA_SLOT_RANK) builds the LoRA slots of ``lora_slots.py``; 0 builds none.
     """
     import diffusers
 
@@ -168,23 +172,29 @@ def load_pipeline(
     if first_use:
         quantize_transformer(pipeline.transformer, acceleration.quant, device)
     fast = fused if lightning.fuse else resident_lightning(pipeline, lightning.by_mode(), model.model_id)
+    slots = build_slots(pipeline, fast, lora_slot_rank, model.model_id)
+    slot_trees = slots.transformers() if slots is not None else []
     if first_use:
         apply_acceleration(pipeline.transformer, acceleration)
-    for tree in fast.transformers():
+    for tree in [*fast.transformers(), *slot_trees]:
         apply_acceleration(tree, acceleration)
     # The layered pipeline sizes from an input image and takes no width/height, so the warm-up's sizes mean nothing
     # to it: its first job of each size compiles instead.
     warms_up = acceleration.compile and task is not Task.LAYERS
     if warms_up:
-        # Each tree is its own graph: warm them all, so no fast job pays a compilation either.
-        for mode in (FastMode.NONE, *fast.copies):
-            with fast_transformer(pipeline, fast, mode):
+        # Each tree is its own graph: warm them all (plain, each fast mode, and each one's LoRA slot copy), so no
+        # fast or LoRA job pays a compilation either.
+        trees = [pipeline.transformer, *fast.transformers(), *slot_trees]
+        # Per tree, a graph per warm-up size at most, and one more for a size compiled later.
+        allow_graphs(len(trees) * (len(acceleration.warmup_sizes) + 1))
+        for tree in trees:
+            with swapped_transformer(pipeline, tree):
                 warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
     compiled_sizes = set(acceleration.warmup_sizes) if warms_up else None
     return LoadedPipeline(
-        model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg
+        model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg, slots
     )
 
 

@@ -39,6 +39,7 @@ Assumes one job at a time per pipeline (the worker's model): adapters live on th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -362,6 +363,8 @@ class PreparedLora:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any] | None
     nbytes: int
+    # Forms derived from it once and kept as long as it is (lora_slots.py's per-layer factors).
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def prepare_lora(path: Path, field: str) -> PreparedLora:
@@ -472,11 +475,22 @@ def _file_identity(path: Path) -> tuple[int, int, int, int, str]:
 RESIDENT_ADAPTERS = "_qwen_worker_resident_adapters"
 
 
+def prepared_loras(
+    loras: Sequence[tuple[Path, float]], cache: PreparedLoraCache | None = None
+) -> list[tuple[PreparedLora, float]]:
+    """Each ``(file, scale)`` of a job prepared: from ``cache`` when it holds it, else read now. Raises LoraError."""
+    return [
+        (cache.get(Path(path), f"loras[{index}]") if cache is not None else prepare_lora(Path(path), f"loras[{index}]"),
+         scale)
+        for index, (path, scale) in enumerate(loras)
+    ]  # fmt: skip
+
+
 @contextmanager
 def applied_loras(
-    pipeline: Any, loras: Sequence[tuple[Path, float]], cache: PreparedLoraCache | None = None
+    pipeline: Any, loras: Sequence[tuple[Path | PreparedLora, float]], cache: PreparedLoraCache | None = None
 ) -> Iterator[list[str]]:
-    """Apply ``loras`` (``(file, scale)`` in ``loras[i]`` order) to ``pipeline`` for the duration of the block.
+    """Apply ``loras`` (``(file or prepared LoRA, scale)`` in ``loras[i]`` order) to ``pipeline`` for the block.
 
     Yields the adapter names. On exit, normal or not, every adapter this call added is removed. A file that cannot be
     applied (shapes for another model, no weights for this transformer) raises ``LoraError("loras[i]", ...)`` after
@@ -494,9 +508,12 @@ def applied_loras(
     call_id = uuid.uuid4().hex[:8]
     names: list[str] = []
     try:
-        for index, (path, _scale) in enumerate(loras):
+        for index, (item, _scale) in enumerate(loras):
             field = f"loras[{index}]"
-            prepared = cache.get(Path(path), field) if cache is not None else prepare_lora(Path(path), field)
+            if isinstance(item, PreparedLora):
+                prepared = item
+            else:
+                prepared = cache.get(Path(item), field) if cache is not None else prepare_lora(Path(item), field)
             name = f"job_{call_id}_{index}"
             names.append(name)  # before loading: a half-injected adapter must be cleaned up too
             load_prepared(pipeline, transformer, prepared, name, field)
@@ -506,7 +523,7 @@ def applied_loras(
             )
         except Exception as err:
             raise LoraError("loras", f"the LoRAs could not be activated ({type(err).__name__}: {err})") from None
-        log.info("applied LoRAs %s", ", ".join(f"{Path(p).name}@{s:g}" for p, s in loras))
+        log.info("applied LoRAs %s", ", ".join(f"{item.name}@{s:g}" for item, s in loras))
         yield names
     finally:
         _remove(pipeline, names, had_peft_flag, resident)
