@@ -7,8 +7,10 @@ issue 12) beside `new` (what the worker does now), for
 - a fast job: today, the Lightning file is read, parsed, converted and injected as peft adapters for the job, and
   unloaded after it; new, the pipeline's transformer is switched to the resident Lightning copy
   (``adapters.fast_transformer``) and back;
-- a user-LoRA job (the same LoRA as an earlier job): today, the same read/parse/convert/inject/unload; new,
-  ``loras.applied_loras`` with a warm ``PreparedLoraCache`` (inject from memory, unload);
+- a user-LoRA job (the same LoRA as an earlier job): today, the same read/parse/convert/inject/unload; new, what
+  ``runner._job_transformer`` does: the prepared LoRA from a warm ``PreparedLoraCache``, ``LoraSlots.plan`` and
+  ``LoraSlots.applied`` (its weights copied into the LoRA slot, the slot copy switched in and back); and, for a LoRA
+  that does not fit the slot, ``loras.applied_loras`` with the warm cache (inject from memory, unload);
 
 on a transformer of the real width (``bench/configs/transformer_config.json``: 24 heads x 128, joint width 3584, MLP
 4x) with ``num_layers`` cut to ``--blocks``, in bf16 (the checkpoints' and the LoRA files' dtype), per block and
@@ -25,6 +27,9 @@ work, which does not depend on the width; then x 720 (12 wrapped projections per
 
     make bench-lora                  # = .venv/bin/python bench/lora_overhead.py
     .venv/bin/python bench/lora_overhead.py --blocks 4 --repeat 7
+    .venv/bin/python bench/lora_overhead.py --tiny --repeat 1   # a narrow transformer: checks the script runs only
+
+On a GPU the slot copy moves the LoRA from host to device memory; here it is a host-to-host copy of the same bytes.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from qwen_worker.adapters import build_fast_modes, fast_transformer  # noqa: E402
-from qwen_worker.loras import PreparedLoraCache, applied_loras, verify_safetensors  # noqa: E402
+from qwen_worker.adapters import FastModes, fast_transformer, resident_lightning  # noqa: E402
+from qwen_worker.lora_slots import build_slots  # noqa: E402
+from qwen_worker.loras import PreparedLoraCache, applied_loras, prepared_loras, verify_safetensors  # noqa: E402
 from qwen_worker.schema import FastMode  # noqa: E402
 
 REAL_BLOCKS = 60
@@ -167,9 +173,7 @@ def wrapper_overhead(folder: Path, calls: int = 20000) -> dict[str, float]:
     pipeline = QwenImagePipeline(transformer=transformer, scheduler=None, vae=None, text_encoder=None, tokenizer=None)
     path = folder / "narrow-lightning.safetensors"
     write_lora(path, transformer, 4, lightning=True, seed=3)
-    single = build_fast_modes(pipeline, {FastMode.REGULAR: path}, fuse=False, model_id="narrow").copies[
-        FastMode.REGULAR
-    ]
+    single = resident_lightning(pipeline, {FastMode.REGULAR: path}, "narrow").copies[FastMode.REGULAR]
     single.disable_lora()
     wrapper = single.transformer_blocks[0].attn.to_q
     base = wrapper.get_base_layer()
@@ -201,7 +205,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case; medians are reported")
     parser.add_argument("--lightning-rank", type=int, default=64)
     parser.add_argument("--user-rank", type=int, default=32)
+    parser.add_argument("--slot-rank", type=int, default=64, help="LORA_SLOT_RANK of the slot path (default 64)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="a narrow transformer: checks the script only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -210,7 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         folder = Path(tmp)
         built = time.perf_counter()
-        transformer = real_transformer(args.blocks, torch.bfloat16)
+        transformer = narrow_transformer() if args.tiny else real_transformer(args.blocks, torch.bfloat16)
+        args.blocks = len(transformer.transformer_blocks)
         pipeline = QwenImagePipeline(
             transformer=transformer, scheduler=None, vae=None, text_encoder=None, tokenizer=None
         )
@@ -221,17 +228,33 @@ def main() -> None:
         }
         for path in (lightning, user):
             path.read_bytes()  # into the page cache: both paths then read from memory
-        print(f"built {args.blocks}-block real-width transformer in {time.perf_counter() - built:.1f} s", flush=True)
+        kind = "narrow (--tiny)" if args.tiny else "real-width"
+        print(f"built {args.blocks}-block {kind} transformer in {time.perf_counter() - built:.1f} s", flush=True)
 
         started = time.perf_counter()
-        fast = build_fast_modes(pipeline, {FastMode.REGULAR: lightning}, fuse=False, model_id="bench")
+        fast = resident_lightning(pipeline, {FastMode.REGULAR: lightning}, "bench")
         startup_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        slots = build_slots(pipeline, FastModes(), args.slot_rank, "bench")
+        slots_ms = (time.perf_counter() - started) * 1000
+        assert slots is not None
+        slot_bytes = sum(
+            tensor.numel() * tensor.element_size()
+            for name, tensor in slots.tree_for(FastMode.NONE).named_parameters()
+            if ".slot." in name
+        )
 
         def new_fast() -> None:
             with fast_transformer(pipeline, fast, FastMode.REGULAR):
                 pass
 
         cache = PreparedLoraCache(max_bytes=1 << 40)
+
+        def slot_user() -> None:
+            # runner._job_transformer's slot path, call for call
+            plan = slots.plan(prepared_loras([(user, 1.0)], cache))
+            with slots.applied(pipeline, FastMode.NONE, plan):
+                pass
 
         def new_user() -> None:
             with applied_loras(pipeline, [(user, 1.0)], cache):
@@ -244,10 +267,12 @@ def main() -> None:
         repeat = args.repeat
         results = {
             "fast job (Lightning)": (timed(lambda: today(pipeline, lightning), repeat), timed(new_fast, repeat)),
-            "user-LoRA job, repeated": (timed(lambda: today(pipeline, user), repeat), timed(new_user, repeat)),
-            "user-LoRA job, first use": (None, timed(cold_user, repeat)),
-        }
-        assert cache.hits >= args.repeat and cache.misses == 1
+            "user-LoRA job, repeated (LoRA slot)": (timed(lambda: today(pipeline, user), repeat),
+                                                     timed(slot_user, repeat)),
+            "user-LoRA job, repeated (no slot: loaded per job from memory)": (None, timed(new_user, repeat)),
+            "user-LoRA job, first use (no slot, no memory cache)": (None, timed(cold_user, repeat)),
+        }  # fmt: skip
+        assert cache.hits >= 2 * args.repeat and cache.misses == 1
         overhead = wrapper_overhead(folder)
 
     scale = REAL_BLOCKS / args.blocks
@@ -257,7 +282,8 @@ def main() -> None:
     header = "| job | path | per block | 60 blocks (extrapolated) | new / today |"
     print(header)
     print("|---|---|---:|---:|---:|")
-    report: dict[str, Any] = {"blocks": args.blocks, "repeat": args.repeat, "file_bytes": sizes, "rows": {}}
+    report: dict[str, Any] = {"blocks": args.blocks, "repeat": args.repeat, "file_bytes": sizes, "rows": {},
+                              "slot_rank": args.slot_rank, "slot_bytes": slot_bytes, "tiny": args.tiny}  # fmt: skip
     for job, (old, new) in results.items():
         new_ms = statistics.median(new)
         old_ms = statistics.median(old) if old is not None else None
@@ -269,8 +295,10 @@ def main() -> None:
         report["rows"][job] = {"today_ms": old_ms, "new_ms": new_ms, "today_samples": old, "new_samples": new}
     print()
     print(f"Start-up, once: Lightning resident copy built and loaded in {startup_ms:.0f} ms for {args.blocks} blocks "
-          f"(~{startup_ms * scale / 1000:.1f} s for 60); LoRA files: Lightning {sizes['lightning'] / 1e6:.1f} MB, "
-          f"user {sizes['user'] / 1e6:.1f} MB for {args.blocks} blocks")  # fmt: skip
+          f"(~{startup_ms * scale / 1000:.1f} s for 60); LoRA slot (rank {args.slot_rank}) built in {slots_ms:.0f} ms "
+          f"(~{slots_ms * scale / 1000:.1f} s for 60), {slot_bytes / 1e6:.1f} MB (~{slot_bytes * scale / 1e9:.2f} GB "
+          f"for 60); LoRA files: Lightning {sizes['lightning'] / 1e6:.1f} MB, user {sizes['user'] / 1e6:.1f} MB "
+          f"for {args.blocks} blocks")  # fmt: skip
     print()
     print("Host time per forward that disabled Lightning wrappers would add to a plain job (one tree, rejected):")
     print(f"| base layer call | disabled peft wrapper call | added per wrapper | x {12 * REAL_BLOCKS} wrappers |")
@@ -278,13 +306,15 @@ def main() -> None:
     print(f"| {overhead['base_layer_us']:.1f} us | {overhead['disabled_wrapper_us']:.1f} us | "
           f"{overhead['per_wrapper_us']:.1f} us | {overhead['real_model_ms_per_forward']:.2f} ms per forward |")
     fast_today, fast_new = (statistics.median(x or [0.0]) * scale for x in results["fast job (Lightning)"])
-    user_today, user_new = (statistics.median(x or [0.0]) * scale for x in results["user-LoRA job, repeated"])
+    user_today, user_new = (
+        statistics.median(x or [0.0]) * scale for x in results["user-LoRA job, repeated (LoRA slot)"]
+    )
     print()
     print("Goals (issue 12):")
     switch_met = fast_new <= GOAL_SWITCH_MS and fast_new <= GOAL_SWITCH_FRACTION * fast_today
     print(f"- Lightning switch {fast_new:.3f} ms <= {GOAL_SWITCH_MS:g} ms and {fast_new / fast_today:.4%} <= "
           f"{GOAL_SWITCH_FRACTION:.0%} of today: {'met' if switch_met else 'NOT met'}")
-    print(f"- cached user LoRA {user_new / user_today:.1%} of today <= {GOAL_CACHED_FRACTION:.0%}: "
+    print(f"- cached user LoRA (slot) {user_new / user_today:.1%} of today <= {GOAL_CACHED_FRACTION:.0%}: "
           f"{'met' if user_new <= GOAL_CACHED_FRACTION * user_today else 'NOT met'}")
     print(f"- plain-job overhead: resident copy 0 ms (a plain job runs the untouched transformer, not a wrapper in "
           f"it); one tree with Lightning disabled would add {overhead['real_model_ms_per_forward']:.2f} ms <= "
