@@ -621,11 +621,20 @@ def write_synthetic_lightning_lora(
 ) -> dict[str, Any]:
     """A random LoRA in the Qwen-Image-Lightning file layout (bare ``<module>.lora_down.weight`` / ``lora_up.weight``
     / ``.alpha``), for the 12 projections of every block. Made on ``device``, saved through the CPU (a file must be)."""
+    return write_synthetic_lora(path, transformer, rank, device, dtype, lightning=True, seed=SEED)
+
+
+def write_synthetic_lora(
+    path: Path, transformer: torch.nn.Module, rank: int, device: torch.device, dtype: torch.dtype, *,
+    lightning: bool, seed: int,
+) -> dict[str, Any]:
+    """Random rank-``rank`` pairs (normal 0.02) on ``LIGHTNING_MODULES`` of every block, written in the Lightning
+    layout or in diffusers' (``lightning`` False)."""
     from safetensors.torch import save_file
 
     layers = dict(transformer.named_modules())
     blocks = len(transformer.transformer_blocks)
-    generator = torch.Generator(device=device).manual_seed(SEED)
+    generator = torch.Generator(device=device).manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     parameters = 0
     for block in range(blocks):
@@ -634,13 +643,18 @@ def write_synthetic_lightning_lora(
             out_features, in_features = layers[name].weight.shape
             down = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * NORMAL_STD
             up = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * NORMAL_STD
-            tensors[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-            tensors[f"{name}.lora_up.weight"] = up.cpu().contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+            if lightning:
+                tensors[f"{name}.lora_down.weight"] = down.cpu().contiguous()
+                tensors[f"{name}.lora_up.weight"] = up.cpu().contiguous()
+                tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+            else:
+                tensors[f"transformer.{name}.lora_A.weight"] = down.cpu().contiguous()
+                tensors[f"transformer.{name}.lora_B.weight"] = up.cpu().contiguous()
             parameters += down.numel() + up.numel()
     save_file(tensors, str(path))
+    layout = "Lightning (bare lora_down/lora_up/alpha)" if lightning else "diffusers (transformer.<module>.lora_A/B)"
     return {"path": str(path), "rank": rank, "modules": blocks * len(LIGHTNING_MODULES), "parameters": parameters,
-            "bytes": path.stat().st_size, "layout": "Lightning (bare lora_down/lora_up/alpha)", "synthetic": True}
+            "bytes": path.stat().st_size, "layout": layout, "synthetic": True}
 
 
 # ------------------------------------------------------------------------------------------------------ timing
