@@ -25,6 +25,15 @@ What it does (a benchmark, not a test: it asserts nothing about time):
    worker's default), ``fused`` (LIGHTNING_FUSE: merged into the weights once) or ``today`` (loaded and removed per
    job, the worker's path before issue 12). ``--quant int8|fp8`` quantizes the transformer as TRANSFORMER_QUANT does,
    in the worker's start-up order (fuse, quantize, resident copy).
+   ``--user-lora slot|per-job`` adds a user LoRA to every job of every mode: a synthetic one in diffusers' layout
+   (``transformer.<module>.lora_A/B.weight``, rank ``--user-lora-rank``, on the same 12 projections), written once
+   and served from the worker's prepared-LoRA host cache (``PreparedLoraCache``, filled by the warm-up run). ``slot``
+   builds the LoRA slots at start-up as the worker does (``lora_slots.build_slots`` after quantization and the
+   resident copies, rank ``--slot-rank``, default the worker's LORA_SLOT_RANK) and the runner copies the LoRA into
+   the slot of the tree the job runs on (a fast job: the Lightning copy's slot copy); ``per-job`` builds none and the
+   runner loads and removes it per job (``loras.applied_loras``, as with LORA_SLOT_RANK=0). The runner's LoRA step
+   (``runner._job_transformer``, wrapped and timed, device synchronised around it) is reported as ``lora``, a part of
+   ``other``; the JSON records the path, the ranks, the slots' bytes and the tree each job ran on.
 5. Reports, per mode and size: the worker's stage times, the denoise span on the GPU timeline (CUDA events in
    transformer hooks: the worker's clock is a host clock and may end before the GPU has finished), other time
    (LoRA load/unload, scheduler swap), peak GPU memory (``torch.cuda.max_memory_allocated``), the analytic FLOPs of
@@ -40,7 +49,9 @@ text tokens (the prompt embeddings), S = N + T, D = heads*head_dim = 3072, L = 6
     attention   4*S^2*D*L                  Q.K^T and P.V over the joint image+text sequence, all heads
     modulation  2*2*(D*6D)*L               img_mod/txt_mod act once per sample, not per token
     embeddings  2*N*64*D + 2*T*3584*D + 2*N*D*64 + timestep MLP + norm_out
-    LoRA        2*S*r*(10*D + 2*F)*L       fast mode only: rank-r A/B pairs on the 12 projections per block
+    LoRA        2*S*r*(10*D + 2*F)*L       rank-r A/B pairs on the 12 projections per block: Lightning's in fast
+                                           mode, plus --user-lora's (a LoRA slot runs its own rank, whatever the
+                                           LoRA's; its pairs on img_mod/txt_mod act once per sample, left out)
 
 Element-wise work (norms, RoPE, GELU, softmax, modulation, residuals) and biases are left out (< 1 %). At 1024^2
 (N = 4096) this is ~7e13 FLOP per forward, the issue's figure (~6.8 B parameters act per token: 12*D^2*L).
@@ -60,6 +71,8 @@ Usage (on a CUDA machine; see docs/PERFORMANCE.md, "GPU", for carrying diffusers
     python bench/gpu_bench.py --sizes 1024 --modes fast --json out.json
     python bench/gpu_bench.py --sizes 1024 --modes fast --fast-path today    # the per-job Lightning load, to compare
     python bench/gpu_bench.py --sizes 1024 --quant fp8           # TRANSFORMER_QUANT=fp8 (compute capability 8.9+)
+    python bench/gpu_bench.py --sizes 1024 --steps-quality 10 --user-lora slot     # a user LoRA in the LoRA slot
+    python bench/gpu_bench.py --sizes 1024 --steps-quality 10 --user-lora per-job  # the same LoRA loaded per job
     python bench/gpu_bench.py --describe                        # parameter counts and FLOPs only, no GPU
     python bench/gpu_bench.py --tiny --device cpu --sizes 256 --steps-quality 2   # logic check on a CPU
     python bench/gpu_bench.py --model qwen-image-2.1            # 2.1: quality + cfg4 at 1024^2 and 2048^2
@@ -114,12 +127,14 @@ MATMUL_N = 8192
 TINY_MATMUL_N = 256
 LIGHTNING_RANK = 64  # the Qwen-Image-Lightning files' rank as commonly reported (DiffSynth loads them at alpha 8/64)
 TINY_LORA_RANK = 4
+USER_LORA_RANK = 32  # --user-lora's synthetic LoRA (tiny runs too: it still fits the default slot)
 DEFAULT_TEXT_TOKENS = 64
 SEED = 0
 NORMAL_STD = 0.02
 GIB = 1024**3
 
-# The projections a Qwen-Image-Lightning LoRA adapts in every transformer block (12 per block).
+# The projections a Qwen-Image-Lightning LoRA adapts in every transformer block (12 per block); the synthetic user
+# LoRA of --user-lora targets the same ones, as most published Qwen-Image LoRAs do.
 LIGHTNING_MODULES = (
     "attn.to_q",
     "attn.to_k",
@@ -624,6 +639,14 @@ def write_synthetic_lightning_lora(
     return write_synthetic_lora(path, transformer, rank, device, dtype, lightning=True, seed=SEED)
 
 
+def write_synthetic_user_lora(
+    path: Path, transformer: torch.nn.Module, rank: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """A random user LoRA in diffusers' layout (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``, no
+    alphas: peft's scaling 1), for the same 12 projections of every block; other random values than Lightning's."""
+    return write_synthetic_lora(path, transformer, rank, device, dtype, lightning=False, seed=SEED + 1)
+
+
 def write_synthetic_lora(
     path: Path, transformer: torch.nn.Module, rank: int, device: torch.device, dtype: torch.dtype, *,
     lightning: bool, seed: int,
@@ -775,6 +798,87 @@ class ForwardProbe:
         return out
 
 
+class LoraStepClock:
+    """Times the runner's LoRA step, ``runner._job_transformer`` (which the worker's stage clock leaves in ``other``):
+    the worker's own function, wrapped while the bench runs, does the work.
+
+    Entering it is the LoRA step's ``apply`` (the prepared LoRA from the host cache; with slots, ``LoraSlots.plan``
+    and the copy of its weights into the slot; per job, ``loras.applied_loras``' injection), leaving it is ``remove``
+    (the slot copy swapped back; per job, the adapters unloaded). On CUDA the device is synchronised on both sides of
+    each, so the host-to-device copies are counted in the step, not in the encode stage after it. Per job it also
+    records which tree ran (a slot copy or not), the adapters on it, and the worker's own log lines of the step."""
+
+    LOGGERS = ("qwen_worker.runner", "qwen_worker.lora_slots", "qwen_worker.loras")
+
+    def __init__(self, device: torch.device, loaded: Any) -> None:
+        self.device = device
+        # Made at start-up, before any job: the trees a job can run on, by identity.
+        slots = loaded.slots.transformers() if loaded.slots is not None else ()
+        self.trees = {
+            **{id(tree): "Lightning copy" for tree in loaded.fast.copies.values()},
+            id(loaded.pipeline.transformer): "plain",  # --fast-path today: the Lightning "copy" is the plain tree
+            **{id(tree): "slot copy" for tree in slots},
+        }
+        self.last: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        from qwen_worker import runner
+
+        original = runner._job_transformer
+
+        def timed(pipeline: Any, loaded: Any, job: Any, cache: Any) -> Any:
+            return self._timed(original, pipeline, loaded, job, cache)
+
+        runner._job_transformer = timed
+        try:
+            yield self
+        finally:
+            runner._job_transformer = original
+
+    @contextlib.contextmanager
+    def _timed(self, original: Any, pipeline: Any, loaded: Any, job: Any, cache: Any) -> Any:
+        self.last = None
+        lines: list[str] = []
+
+        def capture(record: logging.LogRecord) -> bool:
+            lines.append(record.getMessage())
+            return record.levelno >= logging.WARNING  # INFO is kept here only; warnings still reach the log
+
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.INFO)
+            logger.addFilter(capture)
+        try:
+            synchronize(self.device)
+            started = time.perf_counter()
+            with original(pipeline, loaded, job, cache):
+                synchronize(self.device)
+                applied = time.perf_counter()
+                tree = pipeline.transformer
+                kind = self.trees.get(id(tree), "unknown")
+                adapters = list(getattr(tree, "peft_config", None) or {})
+                try:
+                    yield
+                finally:
+                    leaving = time.perf_counter()
+            synchronize(self.device)
+            removed = time.perf_counter()
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.removeFilter(capture)
+                logger.setLevel(level)
+        self.last = {
+            "ms": (applied - started + removed - leaving) * 1000,
+            "apply_ms": (applied - started) * 1000,
+            "remove_ms": (removed - leaving) * 1000,
+            "tree": kind,
+            "adapters": adapters,
+            "log": lines,
+        }
+
+
 def request_for(spec: ModeSpec, size: int, steps: int, prompt: str, fast_lora: bool, warmup: bool) -> dict[str, Any]:
     """The job's input: ``steps`` timed steps of ``spec``'s mode (warm-ups run fewer), or the worker's go_fast."""
     raw: dict[str, Any] = {"prompt": prompt, "width": size, "height": size, "seed": SEED}
@@ -792,7 +896,7 @@ def request_for(spec: ModeSpec, size: int, steps: int, prompt: str, fast_lora: b
 
 def one_run(
     runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any,
-    job_loras: tuple[tuple[Path, float], ...] = (),
+    job_loras: tuple[tuple[Path, float], ...] = (), lora_clock: LoraStepClock | None = None,
 ) -> dict[str, Any]:
     from qwen_worker.profiles import request_rules
     from qwen_worker.runner import GenerationJob
@@ -806,7 +910,9 @@ def one_run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    trees = tuple(runner.served(request.mode).loaded.fast.copies.values())
+    loaded = runner.served(request.mode).loaded
+    # A job runs on the pipeline's own tree, a resident Lightning copy or, with user LoRAs, a LoRA slot copy.
+    trees = (*loaded.fast.copies.values(), *(loaded.slots.transformers() if loaded.slots is not None else ()))
     with ForwardProbe(pipeline, device, trees) as probe, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights: NaNs in the decoded image are expected
         generation = runner.generate(job)
@@ -823,6 +929,8 @@ def one_run(
         "probe": probe.summary(),
         "images": len(generation.images),
     }
+    if lora_clock is not None:
+        run["lora_step"] = lora_clock.last
     if device.type == "cuda":
         run["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         run["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -832,6 +940,7 @@ def one_run(
 def run_case(
     runner: Any, mode: str, size: int, args: argparse.Namespace, prompt: str, transformer_config: dict[str, Any],
     pipeline: Any, device: torch.device, matmul_tflops: float, lora_rank: int, bench_model: BenchModel,
+    lora_clock: LoraStepClock | None = None,
 ) -> dict[str, Any]:
     spec = bench_model.modes[mode]
     fast_lora = spec.fast and args.fast_lora == "synthetic"
@@ -842,13 +951,41 @@ def run_case(
 
     # --fast-path today: the Lightning file is loaded and removed per job, as the worker did before issue 12
     per_job = args.per_job_lightning if fast_lora and args.fast_path == "today" else ()
+    # --user-lora: every job, warm-ups included, carries the synthetic user LoRA (after Lightning's, when per job)
+    per_job = (*per_job, *args.user_lora_files)
     for _ in range(args.warmup):
-        one_run(runner, raw(warmup=True), size, device, pipeline, per_job)
-    runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job) for _ in range(args.repeat)]
+        one_run(runner, raw(warmup=True), size, device, pipeline, per_job, lora_clock)
+    cache = runner.lora_cache
+    cache_before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+    runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job, lora_clock)
+            for _ in range(args.repeat)]
     first = runs[0]
     steps = first["steps"]
     full_steps = spec.steps
-    rank = lora_rank if fast_lora and args.fast_path != "fused" else 0  # fused: no LoRA matmuls in the forward
+    lightning_rank = lora_rank if fast_lora and args.fast_path != "fused" else 0  # fused: no LoRA matmuls
+    rank = lightning_rank  # of the LoRA matmuls in each forward
+    user_lora: dict[str, Any] | None = None
+    if args.user_lora != "none":
+        for run in runs:
+            if (run["lora_step"]["tree"] == "slot copy") != (args.user_lora == "slot"):
+                raise RuntimeError(f"--user-lora {args.user_lora}, but the job ran on the {run['lora_step']['tree']} "
+                                   f"tree; the worker logged: {run['lora_step']['log']}")
+        # The LoRA matmuls that run: the slot's rank on every block layer, whatever the LoRA's own rank; per job,
+        # the LoRA's rank. Beside Lightning's on a fast job (not fused), on the same projections.
+        flops_rank = args.slot_rank if args.user_lora == "slot" else args.user_lora_rank
+        rank += flops_rank
+        user_lora = {
+            "path": args.user_lora,
+            "rank": args.user_lora_rank,
+            "slot_rank": args.slot_rank,
+            "flops_rank": flops_rank,
+            "tree": first["lora_step"]["tree"],
+            "apply_ms": statistics.median(r["lora_step"]["apply_ms"] for r in runs),
+            "remove_ms": statistics.median(r["lora_step"]["remove_ms"] for r in runs),
+            # Every timed job's LoRA files came from the warm host cache (the warm-up run filled it).
+            "lora_cache_timed": {"hits": cache.hits - cache_before[0], "misses": cache.misses - cache_before[1]}
+            if cache is not None else None,
+        }
     forwards = first["probe"]["forwards"]
     counted = [
         bench_model.forward_flops(transformer_config, f["image_tokens"], f["text_tokens"], rank,
@@ -873,6 +1010,8 @@ def run_case(
         "forward_ms_sum": median([r["probe"].get("forward_ms_sum") for r in runs]),
         "peak_allocated_bytes": median([r.get("peak_allocated_bytes") for r in runs]),
     }
+    if user_lora is not None:
+        med["lora_step_ms"] = median([r["lora_step"]["ms"] for r in runs])  # a part of other_ms
     # Achieved rate over the denoise span on the GPU timeline (CUDA) or the host clock (CPU).
     denoise_ms = med["denoise_probe_ms"] or med["denoise_ms"]
     achieved = denoise_flops / (denoise_ms / 1000) / 1e12 if denoise_ms else None
@@ -884,7 +1023,7 @@ def run_case(
         "fast_mode": first["fast_mode"],
         "fast_path": args.fast_path if fast_lora else None,
         "quant": args.quant,
-        "lora": {"rank": rank, "synthetic": True} if fast_lora else None,
+        "lora": {"rank": lightning_rank, "synthetic": True} if fast_lora else None,
         "true_cfg_scale": first["true_cfg_scale"],
         "steps_timed": steps,
         "steps_full": full_steps,
@@ -901,6 +1040,8 @@ def run_case(
         "warmup_runs": args.warmup,
         "runs": runs,
     }
+    if user_lora is not None:
+        result["user_lora"] = user_lora
     if steps < full_steps and denoise_ms:
         # Extrapolated, not measured: per-step time of the steps that ran, times the full step count. FLOPs: the
         # first step (which prefills 2.1's cache) once, the later steps' mean for the rest.
@@ -932,9 +1073,12 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 def print_table(report: dict[str, Any]) -> None:
     model = BENCH_MODELS[report.get("model", QWEN_IMAGE.name)]
     peak = report["matmul_peak"]
+    user_lora = report["settings"].get("user_lora")  # absent: no user LoRA, and no 'lora' column
+    lora_header = f" {'lora':>7}" if user_lora else ""
     header = (
         f"{'mode':<11} {'size':>9} {'steps':>7} {'encode':>8} {'denoise':>9} {'den.GPU':>9} {'ms/step':>8} "
-        f"{'decode':>8} {'other':>7} {'total':>9} {'full run':>10} {'peak GiB':>8} {'TFLOP/s':>8} {'% peak':>7}"
+        f"{'decode':>8} {'other':>7}{lora_header} {'total':>9} {'full run':>10} {'peak GiB':>8} {'TFLOP/s':>8} "
+        f"{'% peak':>7}"
     )
     print()
     print(header)
@@ -952,10 +1096,11 @@ def print_table(report: dict[str, Any]) -> None:
         peak_gib = m["peak_allocated_bytes"] / GIB if m["peak_allocated_bytes"] is not None else None
         frac = r["fraction_of_matmul_peak"] * 100 if r["fraction_of_matmul_peak"] is not None else None
         name = r["mode"] + ("-nolora" if model.modes[r["mode"]].fast and not r["lora"] else "")
+        lora_ms = f" {_fmt(m.get('lora_step_ms'), '.1f'):>7}" if user_lora else ""
         print(
             f"{name:<11} {r['size'][0]:>4}x{r['size'][1]:<4} {steps:>7} {_fmt(m['encode_prompt_ms']):>8} "
             f"{_fmt(m['denoise_ms']):>9} {_fmt(m['denoise_probe_ms']):>9} {_fmt(r['per_step_ms'], '.1f'):>8} "
-            f"{_fmt(m['decode_ms']):>8} {_fmt(m['other_ms']):>7} {_fmt(m['wall_ms']):>9} {full_ms:>10} "
+            f"{_fmt(m['decode_ms']):>8} {_fmt(m['other_ms']):>7}{lora_ms} {_fmt(m['wall_ms']):>9} {full_ms:>10} "
             f"{_fmt(peak_gib, '.1f'):>8} {_fmt(r['achieved_tflops'], 'rate'):>8} {_fmt(frac, 'rate'):>7}"
         )
     print()
@@ -963,7 +1108,11 @@ def print_table(report: dict[str, Any]) -> None:
           "encode/denoise/decode: the worker's own _StageClock (host clock); den.GPU: first to last transformer "
           "forward on the GPU timeline"
           + (" (CUDA events)" if report["device"]["type"] == "cuda" else " (host clock here)")
-          + "; other: LoRA load/unload, scheduler swap, the rest of generate().")
+          + "; other: LoRA load/unload, scheduler swap, the rest of generate()"
+          + (f"; lora: of other, the runner's user-LoRA step (--user-lora {user_lora}: "
+             f"{'copied into the LoRA slot' if user_lora == 'slot' else 'loaded and removed per job'}, "
+             f"rank {report['settings']['user_lora_rank']}, slot rank {report['settings']['slot_rank']})."
+             if user_lora else "."))
     print(f"TFLOP/s: analytic transformer FLOPs of every forward that ran / den.GPU; % peak: of the measured "
           f"{peak['dtype']} matmul peak {_fmt(peak['tflops_median'], 'rate')} TFLOP/s ({peak['n']}^3, median of "
           f"{len(peak['tflops_samples'])}x{peak['products_per_sample']}).")
@@ -1203,6 +1352,35 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _allocated(device: torch.device) -> int | None:
+    """Bytes of tensors allocated on the GPU now (None on a CPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def _user_lora_note(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """What --user-lora ran, for the notes: the LoRA, the path, the slot's memory, the host cache."""
+    lora = report["user_lora"]
+    text = (f"user LoRA (--user-lora {args.user_lora}): a SYNTHETIC diffusers-layout LoRA (rank {lora['rank']}, "
+            f"{lora['modules']} projections, {lora['bytes'] / 1e6:.1f} MB) on every job, ")
+    slots = report["slots"]
+    if slots is not None:
+        text += (f"written into the LoRA slot (the worker's default, LORA_SLOT_RANK={slots['rank']}: rank "
+                 f"{slots['rank']} on all {slots['layers']} block linear layers of each of {slots['trees']} tree(s), "
+                 f"{slots['bytes'] / 1e6:.1f} MB of slot weights in all, built at start-up in "
+                 f"{slots['build_seconds']:.1f} s)")
+    else:
+        text += ("loaded and removed per job by loras.applied_loras (the worker with LORA_SLOT_RANK=0, or a LoRA that "
+                 "does not fit the slot)")
+    cache_bytes = report["settings"]["lora_memory_cache_bytes"]
+    text += (f"; the prepared-LoRA host cache (PreparedLoraCache, {cache_bytes / 1e9:g} GB, the worker's default) is "
+             "filled by the warm-up run, so no timed job reads a file (lora_cache_timed in each result); the LoRA "
+             "step (runner._job_transformer: apply + remove, device synchronised around each) is the table's 'lora' "
+             "column, a part of 'other'")
+    if args.fast_path == "today":
+        text += "; with --fast-path today the Lightning file comes from that cache too"
+    return text
+
+
 def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     """Build, time every (size, mode) case and return the report; the JSON is rewritten after each case, so a run
     cut short (a device call's time limit) still leaves the cases it finished."""
@@ -1211,7 +1389,10 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     if stub:
         notes.append(stub)
     from qwen_worker.adapters import FastModes, fuse_lightning, resident_lightning
+    from qwen_worker.config import Settings
     from qwen_worker.loading import SUPPORTED_PIPELINES, LightningFiles, LoadedPipeline
+    from qwen_worker.lora_slots import SLOT_ADAPTER, build_slots
+    from qwen_worker.loras import PreparedLoraCache
     from qwen_worker.models import ResolvedModel
     from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
     from qwen_worker.runner import PipelineRunner
@@ -1264,6 +1445,12 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         "anchor": bench_model.anchor,
         "notes": notes,
     }
+    if args.user_lora != "none":  # absent otherwise: a run without a user LoRA reports exactly what it did before
+        report["settings"].update(user_lora=args.user_lora, user_lora_rank=args.user_lora_rank,
+                                  slot_rank=args.slot_rank,
+                                  lora_memory_cache_bytes=Settings().lora_memory_cache_bytes)
+        report["user_lora"] = None
+        report["slots"] = None
     print(f"device: {dev.get('name')} | {report['measured_with']}", flush=True)
 
     peak = matmul_peak(device, dtype, TINY_MATMUL_N if args.tiny else MATMUL_N)
@@ -1278,7 +1465,7 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     synchronize(device)
     report["build_seconds"] = build_seconds = time.perf_counter() - started
     report["components"] = info
-    report["weights_allocated_bytes"] = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    report["weights_allocated_bytes"] = _allocated(device)
     print(f"built transformer {info['transformer']['parameters'] / 1e9:.3f} B, text encoder "
           f"{info['text_encoder']['parameters'] / 1e9:.3f} B, VAE {info['vae']['parameters'] / 1e9:.3f} B parameters "
           f"on {device} in {build_seconds:.1f} s", flush=True)
@@ -1300,7 +1487,14 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
             notes.append(f"fast mode: a SYNTHETIC Lightning-layout LoRA (rank {lora_rank}, random weights, "
                          f"{report['lora']['bytes'] / 1e6:.0f} MB), {how}")
 
-        # The worker's start-up order (loading.load_pipeline): fuse, quantize, resident copies.
+        args.user_lora_files = ()
+        if args.user_lora != "none":
+            user_path = lora_dir / "synthetic-user-lora.safetensors"
+            report["user_lora"] = write_synthetic_user_lora(user_path, pipeline.transformer, args.user_lora_rank,
+                                                            device, dtype)
+            args.user_lora_files = ((user_path, 1.0),)
+
+        # The worker's start-up order (loading.load_pipeline): fuse, quantize, resident copies, LoRA slots.
         fast = FastModes()
         started = time.perf_counter()
         if lightning.eight_step is not None and args.fast_path == "fused":
@@ -1316,13 +1510,32 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
             # per-job LoRA: read, parsed, injected and removed in each job, as before issue 12.
             fast = FastModes(copies={FastMode.REGULAR: pipeline.transformer})
             args.per_job_lightning = ((lightning.eight_step, 1.0),)
+        slots = None
+        if args.user_lora == "slot":
+            synchronize(device)
+            before_slots, slots_started = _allocated(device), time.perf_counter()
+            slots = build_slots(pipeline, fast, args.slot_rank, "bench")
+            if slots is None:
+                raise RuntimeError("build_slots built no LoRA slot (the transformer names no repeated blocks)")
+            synchronize(device)
+            per_tree = [
+                sum(p.numel() * p.element_size() for name, p in tree.named_parameters() if f".{SLOT_ADAPTER}." in name)
+                for tree in slots.transformers()
+            ]
+            after_slots = _allocated(device)
+            report["slots"] = {
+                "rank": slots.rank, "layers": len(slots.shapes), "trees": len(per_tree),
+                "bytes": sum(per_tree), "bytes_per_tree": per_tree,
+                "build_seconds": time.perf_counter() - slots_started,
+                "allocated_bytes_added": after_slots - before_slots if after_slots is not None else None,
+            }
         synchronize(device)
         report["startup_seconds"] = time.perf_counter() - started
-        print(f"start-up work (--fast-path {args.fast_path}, --quant {args.quant}): {report['startup_seconds']:.1f} s",
-              flush=True)
-        report["weights_allocated_bytes_after_startup"] = (
-            torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        )
+        slot_text = (f", LoRA slots rank {args.slot_rank} x {report['slots']['trees']} tree(s) "
+                     f"{report['slots']['bytes'] / 1e6:.1f} MB" if slots is not None else "")
+        print(f"start-up work (--fast-path {args.fast_path}, --quant {args.quant}{slot_text}): "
+              f"{report['startup_seconds']:.1f} s", flush=True)
+        report["weights_allocated_bytes_after_startup"] = _allocated(device)  # with the LoRA slots, when built
 
         model = ResolvedModel(
             model_id=f"synthetic {bench_model.model_id} (random weights)",
@@ -1334,17 +1547,26 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         task, multi_image = SUPPORTED_PIPELINES[bench_model.pipeline_class]
         loaded = LoadedPipeline(
             model=model, pipeline=pipeline, task=task, accepts_multiple_images=multi_image, lightning=lightning,
-            fast=fast,
+            fast=fast, slots=slots,
         )
-        runner = PipelineRunner([loaded], device)
+        lora_clock = None
+        if args.user_lora == "none":
+            runner = PipelineRunner([loaded], device)
+        else:
+            # The worker's host cache of prepared LoRAs, at its default size: the warm-up run fills it.
+            cache = PreparedLoraCache(Settings().lora_memory_cache_bytes)
+            runner = PipelineRunner([loaded], device, lora_cache=cache)
+            lora_clock = LoraStepClock(device, loaded)
+            notes.append(_user_lora_note(args, report))
         prompt = prompt_for(pipeline, args.text_tokens, bench_model.embeddings_length)
 
-        for size in args.sizes:
-            for mode in args.modes:
+        # --user-lora: the runner's LoRA step is timed around the worker's own function (LoraStepClock)
+        with lora_clock.installed() if lora_clock is not None else contextlib.nullcontext():
+            for size, mode in itertools.product(args.sizes, args.modes):
                 print(f"running {mode} at {size}x{size} ...", flush=True)
                 try:
                     result = run_case(runner, mode, size, args, prompt, configs["transformer"], pipeline, device,
-                                      peak["tflops_median"], lora_rank, bench_model)
+                                      peak["tflops_median"], lora_rank, bench_model, lora_clock)
                     print(f"  wall {result['median']['wall_ms']:.0f} ms, denoise {result['median']['denoise_ms']:.0f} "
                           f"ms, {_fmt(result['achieved_tflops'], 'rate')} TFLOP/s", flush=True)
                 except Exception as err:  # one failed case (out of memory, say) must not lose the others
@@ -1366,6 +1588,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qwen_worker.config import Settings
+
+    default_slot_rank = Settings().lora_slot_rank  # LORA_SLOT_RANK's default: the worker's own, never a copy
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=tuple(BENCH_MODELS), default=QWEN_IMAGE.name,
@@ -1398,6 +1623,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="TRANSFORMER_QUANT: torchao int8 weight-only or fp8 (compute capability 8.9+)")
     parser.add_argument("--lora-rank", type=int, default=None,
                         help=f"synthetic LoRA rank (default {LIGHTNING_RANK}; tiny {TINY_LORA_RANK})")
+    parser.add_argument("--user-lora", choices=("none", "slot", "per-job"), default="none",
+                        help="every job also carries a synthetic user LoRA (diffusers layout): written into the "
+                        "LoRA slot built at start-up (slot, the worker's default), or loaded and removed per job "
+                        "(per-job, LORA_SLOT_RANK=0); none (default): no user LoRA")
+    parser.add_argument("--user-lora-rank", type=int, default=USER_LORA_RANK,
+                        help=f"the synthetic user LoRA's rank (default {USER_LORA_RANK})")
+    parser.add_argument("--slot-rank", type=int, default=None,
+                        help=f"LORA_SLOT_RANK with --user-lora slot (default the worker's, {default_slot_rank})")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="weights and matmul-peak dtype (auto: bf16 on CUDA, float32 on a CPU, as the worker)")
     parser.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
@@ -1421,6 +1654,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if size % multiple or not low <= size <= high:
             parser.error(f"size {size}: {args.model} sides must be multiples of {multiple} from {low} to {high} "
                          "(the worker's rule)")
+    if args.user_lora == "none":
+        if args.slot_rank is not None or args.user_lora_rank != USER_LORA_RANK:
+            parser.error("--slot-rank and --user-lora-rank need --user-lora slot or per-job")
+    elif args.model != QWEN_IMAGE.name:
+        parser.error(f"--user-lora is wired for {QWEN_IMAGE.name} only (its synthetic LoRA targets that model's "
+                     "block projections)")
+    elif args.warmup < 1:
+        parser.error("--user-lora needs --warmup >= 1: the warm-up run fills the prepared-LoRA cache, as a worker's "
+                     "first job with that LoRA does")
+    elif args.user_lora_rank < 1:
+        parser.error("--user-lora-rank must be >= 1")
+    elif args.user_lora == "per-job":
+        if args.slot_rank is not None:
+            parser.error("--slot-rank needs --user-lora slot (per-job is the worker with LORA_SLOT_RANK=0)")
+        args.slot_rank = 0
+    else:
+        args.slot_rank = default_slot_rank if args.slot_rank is None else args.slot_rank
+        if args.fast_path == "today":
+            parser.error("--user-lora slot with --fast-path today: the per-job Lightning file and the user LoRA "
+                         "would share the slot; time the slot with --fast-path resident or fused")
+        if not 1 <= args.user_lora_rank <= args.slot_rank:
+            parser.error(f"--user-lora slot: the LoRA's rank {args.user_lora_rank} must fit the slot's "
+                         f"(--slot-rank {args.slot_rank}), or the worker loads it per job")
     if args.device.startswith("cpu") and not args.tiny:
         parser.error("--device cpu is allowed only with --tiny (the full-size models need a GPU)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
