@@ -2,8 +2,10 @@
 
 The tiny run goes through the worker's own PipelineRunner.generate (quality with true CFG, and fast mode with a
 synthetic Lightning-layout LoRA); ``--describe`` builds the full-size models on the meta device only. The same for
-``--model qwen-image-2.1`` (its card's 40 steps without CFG, and 50 steps with CFG 4 as the issue's anchor). The
-tiny runs are subprocesses started first so that they overlap the in-process ``--describe`` (all import diffusers).
+``--model qwen-image-2.1`` (its card's 40 steps without CFG, and 50 steps with CFG 4 as the issue's anchor); and a
+user LoRA on every job (``--user-lora slot``: written into the LoRA slot, both modes; ``--user-lora per-job``:
+loaded per job, quality only, the cheaper mode). The tiny runs are subprocesses started first, two at a time, so
+that they overlap the in-process ``--describe`` runs (all import diffusers).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def tiny21_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_slot_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-bench-slot") / "slot.json"
+    return start_tiny_run(out, "--user-lora", "slot"), out
+
+
+@pytest.fixture(scope="module")
+def tiny_per_job_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-bench-per-job") / "per-job.json"
+    return start_tiny_run(out, "--user-lora", "per-job", "--modes", "quality"), out
+
+
+@pytest.fixture(scope="module")
 def gpu_bench():
     spec = importlib.util.spec_from_file_location("gpu_bench_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -54,8 +68,8 @@ def gpu_bench():
     return module
 
 
-def test_describe_counts_parameters_and_flops_as_published(tiny_run, gpu_bench, tmp_path):
-    # tiny_run is requested first: its subprocess runs while the meta-device models are built here.
+def test_describe_counts_parameters_and_flops_as_published(tiny_run, tiny_slot_run, gpu_bench, tmp_path):
+    # The tiny runs are requested first: their subprocesses run while the meta-device models are built here.
     path = tmp_path / "describe.json"
     assert gpu_bench.main(["--describe", "--json", str(path)]) == 0
     described = json.loads(path.read_text())["describe"]
@@ -92,6 +106,12 @@ def test_flop_formula_terms(gpu_bench):
     assert 0.01 < with_lora["lora"] / flops["total"] < 0.05  # a rank-64 LoRA adds a few percent
 
 
+NO_USER_LORA_SETTINGS = {
+    "sizes", "modes", "steps_quality", "mode_specs", "fast_lora", "fast_path", "quant", "lora_rank", "warmup", "repeat",
+    "text_tokens", "dtype", "seed", "argv",
+}  # fmt: skip
+
+
 def test_tiny_run_times_the_worker_path_and_writes_json(tiny_run):
     process, out = tiny_run
     stdout, stderr = process.communicate(timeout=120)
@@ -108,6 +128,12 @@ def test_tiny_run_times_the_worker_path_and_writes_json(tiny_run):
 
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["tiny"] is True
+    # Without --user-lora (the default) the report is what it was before that flag existed: no new setting, key,
+    # column or per-run field.
+    assert set(report["settings"]) == NO_USER_LORA_SETTINGS
+    assert "user_lora" not in report and "slots" not in report
+    assert "lora" not in header.split() and "user LoRA" not in stdout
+    assert all("user_lora" not in r and "lora_step" not in r["runs"][0] for r in report["results"])
     for key in ("torch", "diffusers", "transformers", "peft", "python"):
         assert report["versions"][key]
     assert report["matmul_peak"]["tflops_median"] > 0
@@ -148,7 +174,7 @@ def test_tiny_run_times_the_worker_path_and_writes_json(tiny_run):
 ANCHOR_SECONDS = 7.96
 
 
-def test_describe_qwen21_counts_its_7b_transformer_and_flops(tiny21_run, gpu_bench, tmp_path):
+def test_describe_qwen21_counts_its_7b_transformer_and_flops(tiny21_run, tiny_per_job_run, gpu_bench, tmp_path):
     path = tmp_path / "describe21.json"
     assert gpu_bench.main(["--describe", "--model", "qwen-image-2.1", "--json", str(path)]) == 0
     described = json.loads(path.read_text())["describe"]
@@ -205,3 +231,83 @@ def test_tiny_qwen21_run_times_the_card_defaults_and_the_anchor_case(tiny21_run)
         assert modes[0] == "extract" and modes[-1] == "cached"  # the pipeline's KV cache, counted per forward
         assert result["flops"]["denoise"] > 0 and "EXTRAPOLATED" in result["extrapolated_full_run"]["label"]
     assert max(quality["text_tokens_seen"]) == report["settings"]["text_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------- user LoRA
+
+
+def finished(run) -> tuple[str, dict]:
+    process, out = run
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr[-3000:]
+    header = next(line for line in stdout.splitlines() if line.startswith("mode"))
+    assert "lora" in header.split()  # the LoRA step's column, beside other
+    return stdout, json.loads(out.read_text())
+
+
+def assert_lora_step_timed(result, path: str) -> dict:
+    """The case ran the LoRA ``path`` on every timed job, from the warm cache, and its step is a part of other."""
+    user = result["user_lora"]
+    assert user["path"] == path and user["rank"] == 32
+    assert user["lora_cache_timed"] == {"hits": 1, "misses": 0}  # the warm-up run filled the host cache
+    assert 0 < result["median"]["lora_step_ms"] <= result["median"]["other_ms"]
+    step = result["runs"][0]["lora_step"]
+    assert step["ms"] == pytest.approx(step["apply_ms"] + step["remove_ms"])
+    assert result["forwards"] > 0 and result["flops"]["lora"] > 0
+    return step
+
+
+def test_tiny_run_with_a_user_lora_in_the_slot(tiny_slot_run):
+    from qwen_worker.config import Settings
+
+    stdout, report = finished(tiny_slot_run)
+    settings = report["settings"]
+    assert settings["user_lora"] == "slot" and settings["user_lora_rank"] == 32
+    assert settings["slot_rank"] == Settings().lora_slot_rank  # the worker's default, read from its settings
+    assert report["user_lora"]["layout"].startswith("diffusers") and report["user_lora"]["modules"] == 2 * 12
+    slots = report["slots"]
+    # One slot copy per tree a job can run on: the plain transformer and the resident Lightning copy.
+    assert slots["rank"] == settings["slot_rank"] and slots["trees"] == 2 and slots["layers"] == 2 * 14
+    assert slots["bytes"] == sum(slots["bytes_per_tree"]) > 0
+    assert "--user-lora slot" in stdout and f"LORA_SLOT_RANK={settings['slot_rank']}" in stdout
+
+    quality, fast = report["results"]
+    for result, tree in ((quality, "plain"), (fast, "fast (regular)")):
+        step = assert_lora_step_timed(result, "slot")
+        # The job ran on a slot copy, and the worker wrote the LoRA into that tree's slot.
+        assert step["tree"] == "slot copy" and result["user_lora"]["tree"] == "slot copy"
+        assert any(f"written into the LoRA slot of the {tree} tree" in line for line in step["log"]), step["log"]
+        assert "slot" in result["runs"][0]["probe"]["at_first_forward"]["adapters"]
+        assert result["user_lora"]["flops_rank"] == settings["slot_rank"]  # the slot's rank runs, not the LoRA's
+    # Fast mode: the Lightning tree's slot copy, Lightning's adapter beside the slot.
+    assert len(fast["runs"][0]["probe"]["at_first_forward"]["adapters"]) == 2
+
+
+def test_tiny_run_with_a_user_lora_loaded_per_job(tiny_per_job_run):
+    stdout, report = finished(tiny_per_job_run)
+    settings = report["settings"]
+    assert settings["user_lora"] == "per-job" and settings["slot_rank"] == 0 and report["slots"] is None
+    assert "--user-lora per-job" in stdout
+    (quality,) = report["results"]
+    step = assert_lora_step_timed(quality, "per-job")
+    assert step["tree"] == "plain" and len(step["adapters"]) == 1
+    assert any("applied LoRAs synthetic-user-lora" in line for line in step["log"]), step["log"]
+    # The tree that ran carried the user LoRA's layers: 12 projections x 2 tiny blocks.
+    assert quality["runs"][0]["probe"]["at_first_forward"]["lora_layers"] == 2 * 12
+    assert quality["user_lora"]["flops_rank"] == 32
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--user-lora", "slot", "--fast-path", "today"),  # the per-job Lightning file would share the slot
+        ("--user-lora", "slot", "--slot-rank", "16"),  # rank 32 does not fit: the worker would load it per job
+        ("--user-lora", "per-job", "--slot-rank", "64"),  # per job builds no slot
+        ("--slot-rank", "64"),  # no user LoRA
+        ("--user-lora", "slot", "--warmup", "0"),  # the warm-up fills the LoRA cache
+        ("--user-lora", "slot", "--model", "qwen-image-2.1"),
+    ],
+)
+def test_user_lora_refuses_what_it_would_mislabel(gpu_bench, flags):
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--tiny", "--device", "cpu", *flags])
