@@ -53,20 +53,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from gpu_bench import LIGHTNING_RANK, write_synthetic_lora  # noqa: E402  (bench/, the script's own folder)
 
 from qwen_worker.adapters import FastModes, fast_transformer, resident_lightning  # noqa: E402
+from qwen_worker.config import Settings  # noqa: E402
 from qwen_worker.lora_slots import build_slots  # noqa: E402
 from qwen_worker.loras import PreparedLoraCache, applied_loras, prepared_loras, verify_safetensors  # noqa: E402
 from qwen_worker.schema import FastMode  # noqa: E402
 
 REAL_BLOCKS = 60
-# The 12 projections per block the Lightning LoRAs (and most user LoRAs) target.
-PROJECTIONS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-)  # fmt: skip
 # Goals of issue 12.
 GOAL_SWITCH_MS = 50.0
 GOAL_SWITCH_FRACTION = 0.02
@@ -95,24 +90,11 @@ def narrow_transformer() -> Any:
 
 
 def write_lora(path: Path, transformer: Any, rank: int, *, lightning: bool, seed: int) -> int:
-    """A LoRA on every block's 12 projections: Lightning's bare down/up/alpha layout, or diffusers' lora_A/B."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = dict(transformer.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    for block in range(len(transformer.transformer_blocks)):
-        for projection in PROJECTIONS:
-            name = f"transformer_blocks.{block}.{projection}"
-            out_features, in_features = layers[name].weight.shape
-            down = (torch.randn(rank, in_features, generator=generator) * 0.01).to(torch.bfloat16)
-            up = (torch.randn(out_features, rank, generator=generator) * 0.01).to(torch.bfloat16)
-            if lightning:
-                tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
-                tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.bfloat16)
-            else:
-                tensors[f"transformer.{name}.lora_A.weight"] = down
-                tensors[f"transformer.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path))
-    return path.stat().st_size
+    """gpu_bench's synthetic LoRA (its 12 projections of every block, Lightning's or diffusers' layout), in the
+    transformer's own dtype; returns the file's bytes."""
+    dtype = next(transformer.parameters()).dtype
+    written = write_synthetic_lora(path, transformer, rank, torch.device("cpu"), dtype, lightning=lightning, seed=seed)
+    return int(written["bytes"])
 
 
 def today(pipeline: Any, path: Path) -> None:
@@ -203,9 +185,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks at the real width (default 2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case; medians are reported")
-    parser.add_argument("--lightning-rank", type=int, default=64)
+    parser.add_argument("--lightning-rank", type=int, default=LIGHTNING_RANK)
     parser.add_argument("--user-rank", type=int, default=32)
-    parser.add_argument("--slot-rank", type=int, default=64, help="LORA_SLOT_RANK of the slot path (default 64)")
+    parser.add_argument("--slot-rank", type=int, default=Settings().lora_slot_rank,
+                        help="LORA_SLOT_RANK of the slot path (default: the worker's)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="a narrow transformer: checks the script only")
     args = parser.parse_args()

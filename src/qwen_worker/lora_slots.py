@@ -195,7 +195,7 @@ class LoraSlots:
         _fill(slot, plan)
         log.info(
             "LoRAs written into the LoRA slot of the %s tree in %.1f ms",
-            "plain" if mode is FastMode.NONE else f"fast ({mode.value})", (time.perf_counter() - started) * 1000,
+            _tree_label(mode, fused=mode not in self._trees), (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         with swapped_transformer(pipeline, slot.tree):
             yield
@@ -282,6 +282,12 @@ def block_linear_layers(transformer: Any) -> dict[str, tuple[int, int]]:
             if isinstance(module, torch.nn.Linear):
                 shapes[f"{block_name}.{name}"] = (module.out_features, module.in_features)
     return shapes
+
+
+def _tree_label(mode: FastMode, *, fused: bool) -> str:
+    if mode is FastMode.NONE:
+        return "plain"
+    return f"fast ({mode.value}{', fused' if fused else ''})"
 
 
 def _listed(names: Sequence[str], shown: int = 4) -> str:
