@@ -12,7 +12,7 @@ from qwen_worker.app import build_worker, create_worker
 from qwen_worker.config import Settings
 from qwen_worker.errors import ConfigError
 from qwen_worker.quantization import check_quantization, linear_weight_bytes
-from qwen_worker.schema import Task
+from qwen_worker.schema import FastMode, Task
 
 JOB = {"prompt": "a lighthouse", "size": "256*256", "seed": 12, "output_format": "png"}
 # int8 weights against float32 ones, on the tiny model's random weights: PSNR of the 8-bit image.
@@ -75,6 +75,12 @@ def test_int8_runs_lightning_and_user_loras_unmerged_on_the_quantized_layers(wor
     (tree,) = loaded.fast.copies.values()
     base_weights = {id(p) for p in loaded.pipeline.transformer.parameters()}
     assert all(id(p) in base_weights for name, p in tree.named_parameters() if "lora_" not in name)
+    # the user LoRA ran in the Lightning copy's LoRA slot, on the same quantized weights
+    assert loaded.slots is not None
+    slot_tree = loaded.slots.tree_for(FastMode.REGULAR)
+    assert slot_tree is not tree
+    assert all(id(p) in base_weights for name, p in slot_tree.named_parameters() if "lora_" not in name)
+    assert any(p.abs().sum() > 0 for name, p in slot_tree.named_parameters() if ".slot." in name)
 
 
 def test_int8_with_a_fused_lightning_fuses_first(tiny_models, lightning):
