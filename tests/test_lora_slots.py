@@ -179,11 +179,13 @@ def test_a_lora_that_does_not_fit_the_slot_is_loaded_per_job_when_not_compiled(
     expected = pixels(worker_with(tiny_models, files, LORA_SLOT_RANK="0").handle({"id": "ref", "input": job}))
     worker = worker_with(tiny_models, files, LORA_SLOT_RANK="4")
     with caplog.at_level(logging.INFO, logger="qwen_worker"):
-        image = pixels(worker.handle({"id": name, "input": job}))
-    assert np.array_equal(image, expected)  # the very same per-job path
+        output = worker.handle({"id": name, "input": job})
+    assert np.array_equal(pixels(output), expected)  # the very same per-job path
     assert "loras[0] does not fit the LoRA slot" in caplog.text
     reason = "rank 8 (at transformer_blocks" if name == "wide" else "layers outside the LoRA slot"
-    assert reason in caplog.text
+    (note,) = [note for note in output["notes"] if "LoRA slot" in note]  # the caller is told why it was slower
+    assert note.startswith("loras[0] does not fit this endpoint's LoRA slot (") and reason in note
+    assert "takes longer" in note
 
 
 @pytest.mark.slow

@@ -79,8 +79,9 @@ def _factors(prepared: PreparedLora) -> SlotFactors:
     from peft.utils.other import get_pattern_key
 
     # What load_prepared hands diffusers' load_lora_adapter: keys (and metadata) under "transformer." with that
-    # prefix removed, or a bare layout's keys as they are. The config is then built by diffusers' own function,
-    # from the same inputs, so each layer's scaling is the one the per-job loader would give it.
+    # prefix removed, or a bare layout's keys as they are. The config is then built by diffusers' own function
+    # (private in the pinned 0.42.1), from the same inputs, so each layer's scaling is the one the per-job loader
+    # would give it; tests/test_lora_slots.py compares the images of both for alphas from kohya files and metadata.
     metadata = prepared.metadata
     if any(key.startswith(TRANSFORMER_PREFIX) for key in prepared.state_dict):
         state_dict = {

@@ -269,12 +269,13 @@ class PipelineRunner:
         call = _call_arguments(served, job, on_progress)
         _note_uncompiled_size(loaded, job)
         stages = _StageClock(pipeline)
+        notes: list[str] = []
         with (
             _pipeline_errors(loaded, job),
             _scheduler_for(pipeline, job.request),
             # The transformer tree the job runs on, with its LoRAs, first: the clock's hooks and batching attach to
             # the tree that runs.
-            _job_transformer(pipeline, loaded, job, self.lora_cache),
+            _job_transformer(pipeline, loaded, job, self.lora_cache, notes),
             stages,
             _batching(pipeline, loaded, job.request),
             torch.inference_mode(),
@@ -292,20 +293,21 @@ class PipelineRunner:
             num_inference_steps=job.request.num_inference_steps,
             true_cfg_scale=job.request.true_cfg_scale,
             timings_ms=stages.timings_ms(),
-            notes=[note] if note else [],
+            notes=notes + ([note] if note else []),
             license=loaded.profile.license.name,
         )
 
 
 @contextmanager
 def _job_transformer(
-    pipeline: Any, loaded: LoadedPipeline, job: GenerationJob, cache: PreparedLoraCache | None
+    pipeline: Any, loaded: LoadedPipeline, job: GenerationJob, cache: PreparedLoraCache | None, notes: list[str]
 ) -> Iterator[None]:
     """Put on ``pipeline`` the transformer tree for the job's fast mode (``adapters.py``) and its LoRAs.
 
     LoRAs go into the tree's LoRA slot (``lora_slots.py``: weights copied in place, no module change) when they fit
-    it; otherwise they are loaded onto the tree for this job (``loras.applied_loras``), except on a compiled
-    transformer, where that would recompile: there the job is refused, naming what did not fit."""
+    it; otherwise they are loaded onto the tree for this job (``loras.applied_loras``, slower; said in ``notes``),
+    except on a compiled transformer, where that would recompile: there the job is refused, naming what did not
+    fit."""
     mode = job.request.fast_mode
     if not job.loras:
         with fast_transformer(pipeline, loaded.fast, mode):
@@ -322,6 +324,8 @@ def _job_transformer(
                     "through the LoRA slot"
                 ) from None
             log.info("%s does not fit the LoRA slot (%s): loaded for this job", err.field, err.reason)
+            notes.append(f"{err.field} does not fit this endpoint's LoRA slot ({err.reason}), so it was loaded for "
+                         "this job, which takes longer")  # fmt: skip
         else:
             with loaded.slots.applied(pipeline, mode, plan):
                 yield
