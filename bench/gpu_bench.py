@@ -827,8 +827,10 @@ class LoraStepClock:
 
         original = runner._job_transformer
 
-        def timed(pipeline: Any, loaded: Any, job: Any, cache: Any) -> Any:
-            return self._timed(original, pipeline, loaded, job, cache)
+        # Whatever else the worker's function takes is passed through untouched: only its first argument, the
+        # pipeline, is read here.
+        def timed(pipeline: Any, *rest: Any, **named: Any) -> Any:
+            return self._timed(original, pipeline, *rest, **named)
 
         runner._job_transformer = timed
         try:
@@ -837,7 +839,7 @@ class LoraStepClock:
             runner._job_transformer = original
 
     @contextlib.contextmanager
-    def _timed(self, original: Any, pipeline: Any, loaded: Any, job: Any, cache: Any) -> Any:
+    def _timed(self, original: Any, pipeline: Any, *rest: Any, **named: Any) -> Any:
         self.last = None
         lines: list[str] = []
 
@@ -853,7 +855,7 @@ class LoraStepClock:
         try:
             synchronize(self.device)
             started = time.perf_counter()
-            with original(pipeline, loaded, job, cache):
+            with original(pipeline, *rest, **named):
                 synchronize(self.device)
                 applied = time.perf_counter()
                 tree = pipeline.transformer
