@@ -6,6 +6,7 @@ job and removed after it), run in-process on the same tiny pipeline. Outputs are
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 
@@ -224,3 +225,20 @@ def test_compiled_jobs_switch_loras_and_modes_without_recompiling(tiny_models, f
     with applied_loras(pipeline, [(Path(files["a"]), 1.0)]):
         worker.runner.generate(GenerationJob(parse_request(PLAIN), 256, 256))
     assert counters["stats"]["unique_graphs"] > compiled_at_start
+
+
+def test_a_compiled_layered_endpoint_refuses_a_lora_outside_the_slot_too(tiny_models, files):
+    """The layered pipeline is compiled but not warmed up (it takes no width/height): still compiled, so a LoRA that
+    does not fit its slot is refused rather than loaded per job (which would recompile its blocks)."""
+    from support.images import photo_like, to_bytes
+
+    worker = build_worker(Settings.from_env({
+        "QWEN_IMAGE_MODEL": "none", "QWEN_IMAGE_EDIT_MODEL": "none", "SAFETY_CHECKER": "off",
+        "QWEN_IMAGE_LAYERED_MODEL": str(tiny_models["qwen-image-layered"]), "COMPILE": "regional",
+    }))  # fmt: skip
+    loaded = worker.runner.pipeline_for(Task.LAYERS)
+    assert loaded.compiled_sizes == set() and loaded.slots is not None
+    image = "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(64, 64), "PNG")).decode()
+    job = {"image": image, "layers": 2, "prompt": "a cat", "loras": [lora(files["outside"])]}
+    error = worker.handle({"id": "layers", "input": job})["error"]
+    assert "layers outside the LoRA slot" in error and "proj_out" in error and "(COMPILE=regional)" in error, error

@@ -80,7 +80,7 @@ class LoadedPipeline:
     accepts_multiple_images: bool
     lightning: LightningFiles = field(default_factory=LightningFiles)
     fast: FastModes = field(default_factory=FastModes)  # the Lightning files, applied once (adapters.py)
-    compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled
+    compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled; else the sizes compiled so far
     batched_cfg: bool = False
     slots: LoraSlots | None = None  # user LoRAs written in place per job (lora_slots.py); None: loaded per job
 
@@ -192,7 +192,8 @@ def load_pipeline(
                 warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
-    compiled_sizes = set(acceleration.warmup_sizes) if warms_up else None
+    # A compiled transformer that was not warmed up (the layered pipeline) compiles each size on first use.
+    compiled_sizes = (set(acceleration.warmup_sizes) if warms_up else set()) if acceleration.compile else None
     return LoadedPipeline(
         model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg, slots
     )
