@@ -253,7 +253,6 @@ def build_slots(pipeline: Any, fast: FastModes, rank: int, model_id: str) -> Lor
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             tree.add_adapter(config, adapter_name=SLOT_ADAPTER)
         tree.set_adapters([*resident, SLOT_ADAPTER], weights=[*resident.values(), 1.0])
-        setattr(tree, RESIDENT_ADAPTERS, {**resident, SLOT_ADAPTER: 1.0})
         weights = {}
         for name in shapes:
             layer = tree.get_submodule(name)
@@ -264,10 +263,10 @@ def build_slots(pipeline: Any, fast: FastModes, rank: int, model_id: str) -> Lor
             weights[name] = (down, up)
         trees[mode] = _SlotTree(tree, weights)
     per_tree = sum(rank * (out_f + in_f) for out_f, in_f in shapes.values())
-    dtype = next(iter(trees[FastMode.NONE].weights.values()))[0].element_size()
+    element_bytes = next(iter(trees[FastMode.NONE].weights.values()))[0].element_size()
     log.info(
         "%s: LoRA slots of rank %d on %d block layers, %d tree(s), %.0f MB each, built in %.1f s",
-        model_id, rank, len(shapes), len(trees), per_tree * dtype / 1e6, time.perf_counter() - started,
+        model_id, rank, len(shapes), len(trees), per_tree * element_bytes / 1e6, time.perf_counter() - started,
     )  # fmt: skip
     return LoraSlots(rank, shapes, trees)
 

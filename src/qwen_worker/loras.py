@@ -478,12 +478,13 @@ RESIDENT_ADAPTERS = "_qwen_worker_resident_adapters"
 def prepared_loras(
     loras: Sequence[tuple[Path, float]], cache: PreparedLoraCache | None = None
 ) -> list[tuple[PreparedLora, float]]:
-    """Each ``(file, scale)`` of a job prepared: from ``cache`` when it holds it, else read now. Raises LoraError."""
-    return [
-        (cache.get(Path(path), f"loras[{index}]") if cache is not None else prepare_lora(Path(path), f"loras[{index}]"),
-         scale)
-        for index, (path, scale) in enumerate(loras)
-    ]  # fmt: skip
+    """Each ``(file, scale)`` of a job prepared (``prepare_cached``). Raises LoraError."""
+    return [(prepare_cached(Path(path), f"loras[{index}]", cache), scale) for index, (path, scale) in enumerate(loras)]
+
+
+def prepare_cached(path: Path, field: str, cache: PreparedLoraCache | None) -> PreparedLora:
+    """``path`` prepared: through ``cache`` (which prepares and keeps it on a miss), or read now without one."""
+    return cache.get(path, field) if cache is not None else prepare_lora(path, field)
 
 
 @contextmanager
@@ -510,10 +511,7 @@ def applied_loras(
     try:
         for index, (item, _scale) in enumerate(loras):
             field = f"loras[{index}]"
-            if isinstance(item, PreparedLora):
-                prepared = item
-            else:
-                prepared = cache.get(Path(item), field) if cache is not None else prepare_lora(Path(item), field)
+            prepared = item if isinstance(item, PreparedLora) else prepare_cached(Path(item), field, cache)
             name = f"job_{call_id}_{index}"
             names.append(name)  # before loading: a half-injected adapter must be cleaned up too
             load_prepared(pipeline, transformer, prepared, name, field)
