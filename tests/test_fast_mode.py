@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from support.lora_files import random_pairs, write_diffusers, write_down_up
+from support.lora_files import lightning_and_style, write_diffusers
 from support.responses import completed_output, decode_data_uri, open_image
 from support.worker_process import WorkerProcess
 
@@ -31,16 +31,7 @@ FUSED_TOLERANCE = 2  # of 255, per pixel channel
 
 @pytest.fixture(scope="module")
 def files(tiny_models, tmp_path_factory):
-    from diffusers import QwenImageTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("fast-loras")
-    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_models["qwen-image"] / "transformer")
-    return {
-        # the real Lightning files' layout: bare module names, lora_down/lora_up and alphas
-        "eight": write_down_up(folder / "lightning-8step.safetensors", random_pairs(transformer, seed=2)),
-        "four": write_down_up(folder / "lightning-4step.safetensors", random_pairs(transformer, seed=5)),
-        "style": write_diffusers(folder / "style.safetensors", random_pairs(transformer, seed=1)),
-    }
+    return lightning_and_style(tiny_models["qwen-image"] / "transformer", tmp_path_factory.mktemp("fast-loras"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.lora_files import random_pairs, write_diffusers, write_down_up
+from support.lora_files import lightning_and_style
 from support.responses import decode_data_uri, open_image
 
 from qwen_worker.app import build_worker, create_worker
@@ -40,14 +40,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def lightning(tiny_models, tmp_path_factory):
-    from diffusers import QwenImageTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("quant-loras")
-    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_models["qwen-image"] / "transformer")
-    return {
-        "eight": write_down_up(folder / "lightning.safetensors", random_pairs(transformer, seed=2)),
-        "style": write_diffusers(folder / "style.safetensors", random_pairs(transformer, seed=1)),
-    }
+    return lightning_and_style(tiny_models["qwen-image"] / "transformer", tmp_path_factory.mktemp("quant-loras"))
 
 
 @pytest.fixture(scope="module")

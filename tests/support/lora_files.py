@@ -133,3 +133,17 @@ def peft_pairs(path: Path) -> Pairs:
             name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
             pairs[name] = (value, tensors[key.replace("lora_A", "lora_B")])
     return pairs
+
+
+def lightning_and_style(transformer_dir: Path, folder: Path) -> dict[str, Path]:
+    """What the fast-mode tests load: Lightning-layout 8-step (``eight``) and 4-step (``four``) files, as the real
+    Lightning files are laid out, and a diffusers-layout user LoRA (``style``), for the tiny transformer in
+    ``transformer_dir``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(transformer_dir)
+    return {
+        "eight": write_down_up(folder / "lightning-8step.safetensors", random_pairs(transformer, seed=2)),
+        "four": write_down_up(folder / "lightning-4step.safetensors", random_pairs(transformer, seed=5)),
+        "style": write_diffusers(folder / "style.safetensors", random_pairs(transformer, seed=1)),
+    }
