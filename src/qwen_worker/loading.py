@@ -21,7 +21,7 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,16 @@ class LoadedPipeline:
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled; else the sizes compiled so far
     batched_cfg: bool = False
     slots: LoraSlots | None = None  # user LoRAs written in place per job (lora_slots.py); None: loaded per job
+    startup_seconds: dict[str, float] = field(default_factory=dict)  # per preparing step (prepare_pipeline)
 
     @property
     def profile(self) -> ModelProfile:
         return profile_for(self.model.pipeline_class)
+
+    def extra_trees(self) -> list[Any]:
+        """The transformer trees made at start-up beside the pipeline's own: Lightning copies, then LoRA-slot copies."""
+        slot_trees = self.slots.transformers() if self.slots is not None else []
+        return [*self.fast.transformers(), *slot_trees]
 
 
 def select_device(require_cuda: bool) -> torch.device:
@@ -113,16 +119,25 @@ def load_pipeline(
     acceleration: AccelerationSettings = AccelerationSettings(),
     lora_slot_rank: int = 0,
 ) -> LoadedPipeline:
-    """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
+    """Load one pipeline folder onto ``device`` and prepare it for jobs: ``read_pipeline``, then
+    ``prepare_pipeline``. Raises ConfigError with the model id on any failure.
 
-    Model components (transformer, text encoder, VAE) are loaded one by one so each load is timed in the log, and
-    through ``pool`` so that a component already loaded for another pipeline, with identical files, is reused
-    rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are read and
-    applied now, once (``adapters.py``): a bad file stops the worker instead of failing jobs, and no job reads them.
-    ``lora_slot_rank`` (LORA_SLOT_RANK) builds the LoRA slots of ``lora_slots.py``; 0 builds none.
+    ``pool`` shares components already loaded for another pipeline with identical files. ``lightning`` names the
+    fast-mode LoRA files for this pipeline; they are read and applied now, once (``adapters.py``): a bad file stops the
+    worker instead of failing jobs, and no job reads them. ``lora_slot_rank`` (LORA_SLOT_RANK) builds the LoRA slots
+    of ``lora_slots.py``; 0 builds none.
     """
-    import diffusers
+    check_loadable(model, lightning, acceleration)
+    started = time.perf_counter()
+    read = read_pipeline(model, device, pool or ComponentPool(share=False))
+    loaded = prepare_pipeline(read, lightning, acceleration, lora_slot_rank)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
+    return loaded
 
+
+def check_loadable(model: ResolvedModel, lightning: LightningFiles, acceleration: AccelerationSettings) -> None:
+    """What can be refused before a byte of the model is read. Raises ConfigError."""
     for path in (lightning.eight_step, lightning.four_step):
         if path is not None and not path.is_file():
             raise ConfigError(f"Lightning LoRA file {path} for {model.model_id} does not exist")
@@ -131,16 +146,35 @@ def load_pipeline(
             f"Model {model.model_id} at {model.path} is a {model.pipeline_class}; this worker serves "
             + ", ".join(SUPPORTED_PIPELINES)
         )
-    task, multi_image = SUPPORTED_PIPELINES[model.pipeline_class]
     if acceleration.batched_cfg and not profile_for(model.pipeline_class).batched_cfg:
         raise ConfigError(
             f"BATCHED_CFG=true cannot serve {model.model_id} ({model.pipeline_class}): its CFG passes differ in "
             "their masks and caches, so they cannot share one batch; unset BATCHED_CFG"
         )
-    pipeline_class = getattr(diffusers, model.pipeline_class)
-    pool = pool or ComponentPool(share=False)
 
-    started = time.perf_counter()
+
+@dataclass(frozen=True)
+class ReadPipeline:
+    """A pipeline as read from its folder, before any preparation (``prepare_pipeline``).
+
+    ``first_use``: its transformer is configured here (fused, quantized, compiled); False when another pipeline
+    already shares it (identical files, ``ComponentPool``), which configured it once.
+    """
+
+    model: ResolvedModel
+    pipeline: Any
+    device: torch.device
+    first_use: bool = True
+
+
+def read_pipeline(model: ResolvedModel, device: torch.device, pool: ComponentPool) -> ReadPipeline:
+    """Read ``model``'s folder onto ``device``: the pipeline class its ``model_index.json`` names, with its large
+    components (transformer, text encoder, VAE) loaded one by one, so each load is timed in the log, and through
+    ``pool``, so that a component already loaded for another pipeline, with identical files, is reused rather than
+    loaded twice. Raises ConfigError."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, model.pipeline_class)
     try:
         index = json.loads((model.path / "model_index.json").read_text())
         components = {
@@ -160,43 +194,121 @@ def load_pipeline(
         raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
     pipeline.to(device)  # a no-op for components already there; moves nothing large twice
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
-    # The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the
-    # resident copies are made after it (they share the quantized weights) and before any hook or compilation.
-    first_use = pool.first_use(pipeline.transformer)  # a shared transformer is configured (and compiled) once
-    if lightning.fuse and not first_use:
+    return ReadPipeline(model, pipeline, device, pool.first_use(pipeline.transformer))
+
+
+# Called after each step of prepare_pipeline with the step's name (the GPU benchmark synchronises the device there,
+# so each step's device work is counted in its own time).
+StepObserver = Callable[[str], None]
+
+
+def prepare_pipeline(
+    read: ReadPipeline,
+    lightning: LightningFiles = LightningFiles(),
+    acceleration: AccelerationSettings = AccelerationSettings(),
+    lora_slot_rank: int = 0,
+    after_step: StepObserver | None = None,
+) -> LoadedPipeline:
+    """Make a read pipeline ready for jobs, in the steps of ``PREPARE_STEPS``, in their order. Raises ConfigError.
+
+    The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the resident
+    copies are made after it (they share the quantized weights), then the LoRA slots (on each tree), all before any
+    hook or compilation (acceleration), and the warm-up runs last, on every tree. Each step's time is logged and kept
+    on the result (``startup_seconds``)."""
+    model, pipeline = read.model, read.pipeline
+    task, multi_image = SUPPORTED_PIPELINES[model.pipeline_class]
+    loaded = LoadedPipeline(model, pipeline, task, multi_image, lightning, batched_cfg=acceleration.batched_cfg)
+    step = _PrepareStep(read, lightning, acceleration, lora_slot_rank)
+    for name, run in PREPARE_STEPS:
+        started = time.perf_counter()
+        run(step, loaded)
+        if after_step is not None:
+            after_step(name)
+        loaded.startup_seconds[name] = time.perf_counter() - started
+    log.info(
+        "%s prepared: %s", model.model_id,
+        ", ".join(f"{name} {seconds:.1f} s" for name, seconds in loaded.startup_seconds.items()),
+    )  # fmt: skip
+    return loaded
+
+
+@dataclass(frozen=True)
+class _PrepareStep:
+    """What every preparing step reads: the read pipeline and the settings that shape it."""
+
+    read: ReadPipeline
+    lightning: LightningFiles
+    acceleration: AccelerationSettings
+    lora_slot_rank: int
+
+
+def _fuse(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """LIGHTNING_FUSE: the one configured Lightning file merged into the transformer's weights."""
+    if not step.lightning.fuse:
+        return
+    if not step.read.first_use:
         raise ConfigError(
-            f"LIGHTNING_FUSE=true cannot merge {model.model_id}'s Lightning LoRA into a transformer another pipeline "
-            "shares (identical files); set SHARE_COMPONENTS=false or serve one pipeline"
+            f"LIGHTNING_FUSE=true cannot merge {loaded.model.model_id}'s Lightning LoRA into a transformer another "
+            "pipeline shares (identical files); set SHARE_COMPONENTS=false or serve one pipeline"
         )
-    fused = fuse_lightning(pipeline, lightning.by_mode(), model.model_id) if lightning.fuse else FastModes()
-    if first_use:
-        quantize_transformer(pipeline.transformer, acceleration.quant, device)
-    fast = fused if lightning.fuse else resident_lightning(pipeline, lightning.by_mode(), model.model_id)
-    slots = build_slots(pipeline, fast, lora_slot_rank, model.model_id)
-    slot_trees = slots.transformers() if slots is not None else []
-    if first_use:
-        apply_acceleration(pipeline.transformer, acceleration)
-    for tree in [*fast.transformers(), *slot_trees]:
-        apply_acceleration(tree, acceleration)
+    loaded.fast = fuse_lightning(loaded.pipeline, step.lightning.by_mode(), loaded.model.model_id)
+
+
+def _quantize(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """TRANSFORMER_QUANT, once per transformer (a shared one was quantized by the pipeline that read it first)."""
+    if step.read.first_use:
+        quantize_transformer(loaded.pipeline.transformer, step.acceleration.quant, step.read.device)
+
+
+def _resident_copies(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """Each Lightning file on its own weight-sharing copy of the transformer (unless fused)."""
+    if not step.lightning.fuse:
+        loaded.fast = resident_lightning(loaded.pipeline, step.lightning.by_mode(), loaded.model.model_id)
+
+
+def _slots(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """LORA_SLOT_RANK: a LoRA-slot copy of every tree a job can run on."""
+    loaded.slots = build_slots(loaded.pipeline, loaded.fast, step.lora_slot_rank, loaded.model.model_id)
+
+
+def _accelerate(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """The speed options on every tree (the pipeline's own transformer only once, when shared)."""
+    if step.read.first_use:
+        apply_acceleration(loaded.pipeline.transformer, step.acceleration)
+    for tree in loaded.extra_trees():
+        apply_acceleration(tree, step.acceleration)
+
+
+def _warm_up(step: _PrepareStep, loaded: LoadedPipeline) -> None:
+    """COMPILE=regional: every tree compiled at the warm-up sizes, so no job pays a compilation."""
+    acceleration = step.acceleration
+    if not acceleration.compile:
+        return
     # The layered pipeline sizes from an input image and takes no width/height, so the warm-up's sizes mean nothing
-    # to it: its first job of each size compiles instead.
-    warms_up = acceleration.compile and task is not Task.LAYERS
-    if warms_up:
-        # Each tree is its own graph: warm them all (plain, each fast mode, and each one's LoRA slot copy), so no
-        # fast or LoRA job pays a compilation either.
-        trees = [pipeline.transformer, *fast.transformers(), *slot_trees]
-        # Per tree, a graph per warm-up size at most, and one more for a size compiled later.
-        allow_graphs(len(trees) * (len(acceleration.warmup_sizes) + 1))
-        for tree in trees:
-            with swapped_transformer(pipeline, tree):
-                warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
-    seconds = time.perf_counter() - started
-    log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
-    # A compiled transformer that was not warmed up (the layered pipeline) compiles each size on first use.
-    compiled_sizes = (set(acceleration.warmup_sizes) if warms_up else set()) if acceleration.compile else None
-    return LoadedPipeline(
-        model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg, slots
-    )
+    # to it: its first job of each size compiles instead (it counts as compiled, with no size warmed up).
+    if loaded.task is Task.LAYERS:
+        loaded.compiled_sizes = set()
+        return
+    # Each tree is its own graph: warm them all (plain, each fast mode, and each one's LoRA slot copy), so no
+    # fast or LoRA job pays a compilation either.
+    trees = [loaded.pipeline.transformer, *loaded.extra_trees()]
+    # Per tree, a graph per warm-up size at most, and one more for a size compiled later.
+    allow_graphs(len(trees) * (len(acceleration.warmup_sizes) + 1))
+    for tree in trees:
+        with swapped_transformer(loaded.pipeline, tree):
+            warm_up(loaded.pipeline, acceleration.warmup_sizes, edit=loaded.task is Task.EDIT)
+    loaded.compiled_sizes = set(acceleration.warmup_sizes)
+
+
+# The preparing steps, in the order they must run (prepare_pipeline's docstring says why).
+PREPARE_STEPS: tuple[tuple[str, Callable[[_PrepareStep, LoadedPipeline], None]], ...] = (
+    ("fuse", _fuse),
+    ("quantize", _quantize),
+    ("resident_copies", _resident_copies),
+    ("slots", _slots),
+    ("acceleration", _accelerate),
+    ("warm_up", _warm_up),
+)
 
 
 def derive_pipeline(loaded: LoadedPipeline, class_name: str, **extra_modules: Any) -> Any:
