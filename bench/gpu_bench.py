@@ -1393,8 +1393,8 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     from qwen_worker.adapters import FastModes, fuse_lightning, resident_lightning
     from qwen_worker.config import Settings
     from qwen_worker.loading import SUPPORTED_PIPELINES, LightningFiles, LoadedPipeline
+    from qwen_worker.lora_files import PreparedLoraCache
     from qwen_worker.lora_slots import SLOT_ADAPTER, build_slots
-    from qwen_worker.loras import PreparedLoraCache
     from qwen_worker.models import ResolvedModel
     from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
     from qwen_worker.runner import PipelineRunner

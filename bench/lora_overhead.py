@@ -57,8 +57,9 @@ from gpu_bench import LIGHTNING_RANK, write_synthetic_lora  # noqa: E402  (bench
 
 from qwen_worker.adapters import FastModes, fast_transformer, resident_lightning  # noqa: E402
 from qwen_worker.config import Settings  # noqa: E402
+from qwen_worker.lora_files import PreparedLoraCache, prepared_loras, verify_safetensors  # noqa: E402
 from qwen_worker.lora_slots import build_slots  # noqa: E402
-from qwen_worker.loras import PreparedLoraCache, applied_loras, prepared_loras, verify_safetensors  # noqa: E402
+from qwen_worker.loras import applied_loras  # noqa: E402
 from qwen_worker.schema import FastMode  # noqa: E402
 
 REAL_BLOCKS = 60

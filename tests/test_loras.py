@@ -18,7 +18,8 @@ from support import lora_files
 from support.file_server import Route, closed_port, file_server
 
 from qwen_worker.errors import LoraError
-from qwen_worker.loras import LoraRequest, LoraStore, applied_loras
+from qwen_worker.lora_files import LoraRequest, LoraStore
+from qwen_worker.loras import applied_loras
 
 SIZE = 256
 STEPS = 2
@@ -504,8 +505,8 @@ def test_the_current_jobs_loras_are_never_evicted(tmp_path, allow_private, pipe)
 
 
 def test_a_cached_lora_is_applied_without_reading_its_file(pipe, loras, first_image, monkeypatch):
-    from qwen_worker import loras as module
-    from qwen_worker.loras import PreparedLoraCache
+    from qwen_worker import lora_files as module
+    from qwen_worker.lora_files import PreparedLoraCache
 
     cache = PreparedLoraCache(max_bytes=10_000_000)
     with applied_loras(pipe, [(loras["diffusers"], 1.0)], cache):
@@ -527,7 +528,7 @@ def test_a_cached_lora_is_applied_without_reading_its_file(pipe, loras, first_im
 
 
 def test_the_cache_keeps_the_next_job_clean(pipe, baseline, pristine, loras):
-    from qwen_worker.loras import PreparedLoraCache
+    from qwen_worker.lora_files import PreparedLoraCache
 
     cache = PreparedLoraCache(max_bytes=10_000_000)
     for _ in range(2):
@@ -542,7 +543,7 @@ def test_the_cache_keeps_the_next_job_clean(pipe, baseline, pristine, loras):
 
 
 def test_the_cache_is_bounded_in_bytes_least_recently_used_out(pipe, loras, tmp_path):
-    from qwen_worker.loras import PreparedLoraCache
+    from qwen_worker.lora_files import PreparedLoraCache
 
     paths = [
         lora_files.write_diffusers(tmp_path / f"c{i}.safetensors", lora_files.random_pairs(pipe.transformer, seed=seed))
@@ -562,7 +563,7 @@ def test_the_cache_is_bounded_in_bytes_least_recently_used_out(pipe, loras, tmp_
 
 
 def test_the_same_content_is_held_once_and_a_rewritten_file_is_read_again(pipe, loras, tmp_path):
-    from qwen_worker.loras import PreparedLoraCache
+    from qwen_worker.lora_files import PreparedLoraCache
 
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(loras["diffusers"].read_bytes())

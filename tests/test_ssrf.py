@@ -43,7 +43,7 @@ from runpod.serverless.utils import rp_ssrf
 from support.images import photo_like, to_bytes
 
 from qwen_worker.errors import InputImageError, LoraError
-from qwen_worker.loras import LoraStore
+from qwen_worker.lora_files import LoraStore
 from qwen_worker.media import ImageLimits, load_image
 from qwen_worker.schema import LoraRequest
 
@@ -443,7 +443,7 @@ for base in bases:
         report["plain"][base] = [response.status, response.read() == PNG]
 
 from qwen_worker.errors import InputImageError, LoraError
-from qwen_worker.loras import LoraStore
+from qwen_worker.lora_files import LoraStore
 from qwen_worker.media import ImageLimits, load_image
 from qwen_worker.schema import LoraRequest
 

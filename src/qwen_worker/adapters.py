@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, LoraError
-from .loras import RESIDENT_ADAPTERS, load_prepared, prepare_lora
+from .lora_files import prepare_lora
+from .loras import RESIDENT_ADAPTERS, load_prepared
 from .schema import FastMode
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from .loading import (
     load_pipeline,
     select_device,
 )
-from .loras import LoraStore, PreparedLoraCache
+from .lora_files import LoraStore, PreparedLoraCache
 from .models import resolve_folder, resolve_model
 from .profiles import PROFILES, check_license, check_lightning, profile_for
 from .progress import StepProgress, runpod_sender

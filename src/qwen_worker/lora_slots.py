@@ -12,7 +12,7 @@ the slot copy of its tree, after its LoRAs have been written into the slot's wei
   layer's output).
 - Layers none of the job's LoRAs targets hold zeros, and add exactly nothing.
 
-So a LoRA job costs a copy of its LoRA weights into the slot (from the host-memory cache of ``loras.py``: no disk
+So a LoRA job costs a copy of its LoRA weights into the slot (from the host-memory cache of ``lora_files.py``: no disk
 read, parse or key conversion), creates no module and calls no peft loader; a plain job runs the untouched
 transformer (the slot lives on a copy); and no module ever changes: under ``COMPILE=regional`` the slot copies are
 compiled and warmed at start-up like the other trees, and a LoRA job only changes tensor values, which dynamo does
@@ -44,7 +44,8 @@ import torch
 
 from .adapters import FastModes, share_weights_copy, swapped_transformer
 from .errors import LoraError
-from .loras import RESIDENT_ADAPTERS, PreparedLora
+from .lora_files import PreparedLora
+from .loras import RESIDENT_ADAPTERS
 from .schema import FastMode
 
 log = logging.getLogger(__name__)

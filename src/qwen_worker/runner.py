@@ -29,7 +29,8 @@ from .adapters import fast_transformer
 from .errors import ConfigError, GenerationError, LoraError, TaskNotServedError, ValidationError
 from .inpainting import MaskedCanvas
 from .loading import LoadedPipeline, derive_pipeline, lightning_variable
-from .loras import PreparedLoraCache, applied_loras, prepared_loras
+from .lora_files import PreparedLoraCache, prepared_loras
+from .loras import applied_loras
 from .media import flatten_alpha
 from .models import ResolvedModel
 from .profiles import DEFAULT_PROFILE, ModelProfile

@@ -20,7 +20,7 @@ from PIL import Image
 from .config import Settings
 from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
 from .inpainting import MaskedCanvas, PasteBack, inpainting_canvas, outpainting_canvas
-from .loras import LoraStore
+from .lora_files import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, flatten_alpha, load_image, load_mask
 from .profiles import request_rules
 from .response import dry_run_quote, job_result

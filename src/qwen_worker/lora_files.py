@@ -1,0 +1,517 @@
+"""LoRA files: finding the file a request names, checking it, and reading it once into host memory.
+
+The other half, applying a read LoRA to a pipeline for one job, is ``loras.py``. Neither knows about HTTP handlers or
+S3; of the request schema only ``LoraRequest`` (one ``loras[i]`` entry) is read.
+
+``LoraStore.resolve(request, field)`` turns a ``LoraRequest.path`` into a verified local ``.safetensors`` file:
+
+- ``https://`` / ``http://`` URL: downloaded through ``downloads.download``, exactly as input images are (its
+  docstring says how SSRF is prevented). Files land in a size-capped cache: ``<sha256(url)>.safetensors`` plus a
+  JSON sidecar (url hash, content sha256, size, the URL without its query string). A URL seen before is served from
+  disk without any network request. Least-recently-used entries are evicted when the cache grows past its cap;
+  "used" is the file's mtime, set on each hit.
+- absolute path: a regular ``.safetensors`` file on the worker's disk (e.g. baked into the image).
+- relative path: a file under the network volume (``/runpod-volume``); ``..`` is refused, symlinks are resolved and
+  the target must stay inside the volume.
+
+Whatever the source, the file's safetensors header is parsed before use. Nothing is ever unpickled: a ``.ckpt`` /
+``.pt`` file renamed to ``.safetensors`` fails that check, and diffusers is never asked to read a file itself, so its
+own pickle fallback never runs either.
+
+``prepare_lora`` reads, parses and converts a file once (``PreparedLora``); ``PreparedLoraCache`` keeps prepared
+LoRAs in host memory by content hash, so a repeated LoRA is injected straight from memory.
+
+diffusers (0.42) converts the common Qwen-Image LoRA layouts itself (``QwenImageLoraLoaderMixin.lora_state_dict``):
+diffusers/peft (``transformer.<module>.lora_A.weight``, with its optional ``lora_adapter_metadata`` header), kohya
+(``lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight`` + ``.alpha``), ComfyUI/musubi
+(``diffusion_model.<module>.lora_A|lora_down.weight``) and the Lightning-style bare ``<module>.lora_down.weight`` +
+``.alpha``. One layout it silently skips, bare ``<module>.lora_A.weight`` without alphas (what
+``transformer.save_lora_adapter`` writes), is kept as it is and loaded through the transformer directly (``loras.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+from safetensors import safe_open
+
+from .downloads import DownloadError, download, host_of
+from .errors import LoraError
+from .schema import LoraRequest  # one loras[i] entry: path and scale (range checked by the schema)
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+# Temporary downloads older than this are leftovers of a killed process; younger ones may be another worker's
+# download in progress (the cache folder can be shared, e.g. on the network volume).
+_STALE_TEMP_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    key: str
+    files: tuple[Path, ...]
+    size: int
+    last_used_ns: int
+
+
+class LoraStore:
+    """Resolves ``LoraRequest.path`` to a verified local safetensors file, downloading URLs into a bounded cache.
+
+    ``protect_recent``: eviction never removes the most recently used entries, so the LoRAs of the job being prepared
+    (resolved one after another, each touched on use) are not evicted by each other before they are loaded. The cache
+    may therefore exceed ``max_cache_bytes`` by at most those entries; the default matches the schema's three LoRAs
+    per job.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        max_cache_bytes: int,
+        max_file_bytes: int,
+        volume_path: Path,
+        timeout_seconds: float,
+        *,
+        protect_recent: int = 3,
+        prepared: PreparedLoraCache | None = None,
+    ) -> None:
+        if max_cache_bytes < 0 or max_file_bytes <= 0 or timeout_seconds <= 0 or protect_recent < 0:
+            raise ValueError("LoraStore limits must be positive")
+        self.cache_dir = Path(cache_dir)
+        self.max_cache_bytes = max_cache_bytes
+        self.max_file_bytes = max_file_bytes
+        self.volume_path = Path(volume_path)
+        self.timeout_seconds = timeout_seconds
+        self.protect_recent = protect_recent
+        self.prepared = prepared
+        # Serialises cache reads, downloads and eviction within this process; across processes the cache relies on
+        # atomic renames (a reader sees a whole file or none).
+        self._lock = threading.Lock()
+        self._last_touch_ns = 0
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+
+    # ------------------------------------------------------------------------------------------------- public
+
+    def resolve(self, request: LoraRequest, field: str) -> Path:
+        """The local safetensors file for ``request``. Raises ``LoraError(field, reason)``."""
+        reference = request.path.strip()
+        if not reference:
+            raise LoraError(field, "path is empty")
+        if "\x00" in reference:
+            raise LoraError(field, "path contains a NUL character")
+        scheme_match = _URL_SCHEME.match(reference)
+        if scheme_match:
+            scheme = scheme_match.group(1).lower()
+            if scheme in ("http", "https") and reference[len(scheme) + 1 :].startswith("//"):
+                path = self._from_url(reference, field)
+            else:
+                raise LoraError(
+                    field,
+                    f"{scheme}: paths are not supported; use an https:// URL, an absolute path on the worker, "
+                    "or a path relative to the network volume",
+                )
+        elif reference.startswith("/"):
+            path = self._local_file(Path(reference), field)
+        else:
+            path = self._volume_file(reference, field)
+        # A file the memory cache already holds (same identity: no read needed to know) was checked when it was
+        # prepared; any other is checked now, before a job is started on it.
+        if self.prepared is None or not self.prepared.knows(path):
+            verify_safetensors(path, field)
+        return path
+
+    # -------------------------------------------------------------------------------------------- local files
+
+    def _local_file(self, path: Path, field: str) -> Path:
+        if path.suffix.lower() != LORA_SUFFIX:
+            raise LoraError(field, f"{path} is not a {LORA_SUFFIX} file (only safetensors LoRAs are accepted)")
+        if not path.exists():
+            raise LoraError(field, f"no file at {path}")
+        if not path.is_file():
+            raise LoraError(field, f"{path} is not a regular file")
+        return path
+
+    def _volume_file(self, reference: str, field: str) -> Path:
+        relative = PurePosixPath(reference)
+        # Refused outright, not merely contained: a request has no business walking the volume's tree upwards, and
+        # "a/../../x" style names are how escapes are usually attempted.
+        if ".." in relative.parts:
+            raise LoraError(field, "'..' is not allowed in a path on the network volume")
+        if relative.suffix.lower() != LORA_SUFFIX:
+            raise LoraError(field, f"{reference} is not a {LORA_SUFFIX} file (only safetensors LoRAs are accepted)")
+        volume = self.volume_path
+        if not volume.is_dir():
+            raise LoraError(field, f"{reference} is a relative path but no network volume is mounted at {volume}")
+        candidate = volume / relative
+        try:
+            resolved = candidate.resolve(strict=True)
+        except FileNotFoundError:
+            raise LoraError(field, f"no file {reference} on the network volume ({volume})") from None
+        except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+            reason = f"{reference} cannot be opened on the network volume ({type(err).__name__})"
+            raise LoraError(field, reason) from None
+        # Symlinks are followed, so the containment check is made on the real target, not on the spelling.
+        if not resolved.is_relative_to(volume.resolve()):
+            raise LoraError(field, f"{reference} points outside the network volume")
+        if not resolved.is_file():
+            raise LoraError(field, f"{reference} on the network volume is not a regular file")
+        return resolved
+
+    # ------------------------------------------------------------------------------------------------- URLs
+
+    def _from_url(self, url: str, field: str) -> Path:
+        # surrogatepass: a malformed URL must reach the download guard and be refused there, not crash the hash.
+        key = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+        target = self.cache_dir / f"{key}{LORA_SUFFIX}"
+        sidecar = self.cache_dir / f"{key}.json"
+        with self._lock:
+            if self._cached(target, sidecar):
+                self._touch(target)
+                log.info("LoRA %s: cache hit (%s)", field, _public_url(url))
+                return target
+            self._download(url, key, target, sidecar, field)
+            self._touch(target)
+            self._evict()
+        return target
+
+    def _cached(self, target: Path, sidecar: Path) -> bool:
+        """A hit needs both files and a size that matches the sidecar (a torn entry is downloaded again)."""
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            return target.is_file() and target.stat().st_size == int(record["size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _download(self, url: str, key: str, target: Path, sidecar: Path, field: str) -> None:
+        host = host_of(url)
+        started = time.perf_counter()
+        digest = hashlib.sha256()
+        size = 0
+        temporary: Path | None = None
+        try:
+            # Written beside the target and renamed into place: a crash or a refused download never leaves a
+            # partial file under the name a later job would trust.
+            with (
+                download(
+                    url,
+                    max_bytes=self.max_file_bytes,
+                    timeout=self.timeout_seconds,
+                    accept="application/octet-stream, */*",
+                ) as chunks,
+                tempfile.NamedTemporaryFile(
+                    dir=self.cache_dir, prefix=".download-", suffix=LORA_SUFFIX, delete=False
+                ) as handle,
+            ):
+                temporary = Path(handle.name)
+                for chunk in chunks:
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+            # Checked before it enters the cache, so the cache only ever holds usable safetensors files.
+            verify_safetensors(temporary, field, source=f"the file downloaded from {host}")
+            os.replace(temporary, target)
+            record = {
+                "url_sha256": key,
+                "content_sha256": digest.hexdigest(),
+                "size": size,
+                "url": _public_url(url),
+                "downloaded_at": int(time.time()),
+            }
+            _write_atomically(sidecar, json.dumps(record, indent=2) + "\n")
+        except DownloadError as err:
+            too_large = f"the file is larger than the LoRA download limit of {self.max_file_bytes} bytes"
+            raise LoraError(field, too_large if err.too_large else err.reason) from None
+        except OSError as err:
+            raise LoraError(field, f"the file could not be saved in the LoRA cache ({err.strerror or err})") from None
+        finally:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)  # gone already when the rename succeeded
+        log.info(
+            "LoRA %s: downloaded %d bytes from %s in %.1f s (sha256 %s)",
+            field,
+            size,
+            _public_url(url),
+            time.perf_counter() - started,
+            digest.hexdigest()[:16],
+        )
+
+    # ----------------------------------------------------------------------------------------------- cache
+
+    def _touch(self, path: Path) -> None:
+        # Explicit, strictly increasing times: file systems stamp with a coarse clock, and two uses within one tick
+        # would otherwise tie and make the LRU order arbitrary.
+        now = max(time.time_ns(), self._last_touch_ns + 1)
+        self._last_touch_ns = now
+        os.utime(path, ns=(now, now))
+
+    def _entries(self) -> list[_CacheEntry]:
+        grouped: dict[str, list[Path]] = {}
+        for path in self.cache_dir.iterdir():
+            if path.name.startswith(".") or path.suffix not in (LORA_SUFFIX, ".json"):
+                continue  # temporaries in flight, and anything that is not ours
+            grouped.setdefault(path.stem, []).append(path)
+        entries = []
+        for key, files in grouped.items():
+            try:
+                stats = {path: path.stat() for path in files}
+            except FileNotFoundError:
+                continue  # removed by another process meanwhile
+            main = self.cache_dir / f"{key}{LORA_SUFFIX}"
+            last_used = stats[main].st_mtime_ns if main in stats else min(s.st_mtime_ns for s in stats.values())
+            entries.append(_CacheEntry(key, tuple(files), sum(s.st_size for s in stats.values()), last_used))
+        return entries
+
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds now (LoRA files and their sidecars)."""
+        with self._lock:
+            return sum(entry.size for entry in self._entries())
+
+    def _evict(self) -> None:
+        entries = sorted(self._entries(), key=lambda e: (e.last_used_ns, e.key))
+        total = sum(entry.size for entry in entries)
+        protected = {entry.key for entry in entries[max(0, len(entries) - self.protect_recent) :]}
+        for entry in entries:
+            if total <= self.max_cache_bytes:
+                break
+            if entry.key in protected:
+                continue
+            for path in entry.files:
+                path.unlink(missing_ok=True)
+            total -= entry.size
+            log.info("LoRA cache: evicted %s (%d bytes), %d bytes left", entry.key[:16], entry.size, total)
+        if total > self.max_cache_bytes:
+            log.warning(
+                "LoRA cache holds %d bytes, over its %d byte cap, because the most recent LoRAs are kept",
+                total,
+                self.max_cache_bytes,
+            )
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - _STALE_TEMP_SECONDS
+        for pattern in (".download-*", ".sidecar-*"):  # what a killed download or sidecar write leaves behind
+            for path in self.cache_dir.glob(pattern):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                except OSError:
+                    pass
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def verify_safetensors(path: Path, field: str, *, source: str | None = None) -> list[str]:
+    """Parse the file's safetensors header (no tensor is read) and return its tensor names.
+
+    A pickle, a zip or random bytes fail here, so nothing but a safetensors header parser ever sees them.
+    """
+    what = source or str(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # the parser's errors (SafetensorError, OSError, ...) all mean the same to the caller
+        raise LoraError(field, f"{what} is not a safetensors file (pickled .ckpt/.pt/.bin LoRAs are refused)") from None
+    if not keys:
+        raise LoraError(field, f"{what} contains no tensors")
+    if not any("lora" in key.lower() for key in keys):
+        raise LoraError(field, f"{what} contains no LoRA weights (no tensor name mentions lora)")
+    return keys
+
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class PreparedLora:
+    """A LoRA file read, parsed and converted to diffusers' transformer layout once, ready to load from memory.
+
+    ``state_dict`` keys are what diffusers' Qwen-Image converter returns (``transformer.<module>.lora_A.weight``), or
+    the file's own bare ``<module>.lora_A.weight`` keys, which the transformer's loader takes as they are.
+    ``metadata`` is the file's ``lora_adapter_metadata`` (it carries a trained adapter's ``lora_alpha``).
+    """
+
+    name: str  # the file name, for logs
+    content_sha256: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any] | None
+    nbytes: int
+    # Forms derived from it once and kept as long as it is (lora_slots.py's per-layer factors).
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+def prepare_lora(path: Path, field: str) -> PreparedLora:
+    """Read ``path`` once (one disk read), check it, and convert its keys. Raises ``LoraError(field, ...)``."""
+    from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
+    from safetensors.torch import load as load_safetensors
+
+    verify_safetensors(path, field)
+    try:
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        metadata = _adapter_metadata(data)
+        # Every Qwen-Image pipeline class shares this mixin's converter: kohya, ComfyUI, musubi and Lightning
+        # layouts become diffusers' transformer.<module>.lora_A/B keys, with alphas folded into the weights.
+        state_dict = QwenImageLoraLoaderMixin.lora_state_dict(tensors)
+    except LoraError:
+        raise
+    except Exception as err:
+        raise LoraError(field, load_failure_reason(err)) from None
+    if not all("lora" in key for key in state_dict):
+        raise LoraError(field, f"{path.name} holds tensors that are not LoRA weights; it is not a LoRA file")
+    nbytes = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
+    return PreparedLora(path.name, hashlib.sha256(data).hexdigest(), state_dict, metadata, nbytes)
+
+
+def _adapter_metadata(data: bytes) -> dict[str, Any] | None:
+    """diffusers' ``lora_adapter_metadata`` from the safetensors header in ``data`` (8-byte length, then JSON)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    raw = (header.get("__metadata__") or {}).get(LORA_ADAPTER_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+class PreparedLoraCache:
+    """Prepared LoRAs kept in host memory, least recently used first out, bounded in bytes (LORA_MEMORY_CACHE_BYTES).
+
+    Keyed by content sha256, so one LoRA reached by a URL and by a volume path is held once. A file is recognised
+    again by its identity (device, inode, size, modification time: one ``stat``, no read), so a repeated LoRA costs
+    no disk read, no safetensors parse and no key conversion. A file rewritten in place gets a new modification time
+    and is read again. ``max_bytes`` 0 turns the cache off (every job prepares its files, as before).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, PreparedLora] = OrderedDict()
+        self._files: dict[tuple[int, int, int, int, str], str] = {}  # file identity -> content sha256
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def knows(self, path: Path) -> bool:
+        """True when ``path`` is a file already prepared and still cached (its header need not be checked again)."""
+        with self._lock:
+            return self._lookup(path) is not None
+
+    def get(self, path: Path, field: str) -> PreparedLora:
+        with self._lock:
+            prepared = self._lookup(path)
+            if prepared is not None:
+                self.hits += 1
+                self._entries.move_to_end(prepared.content_sha256)
+                return prepared
+        prepared = prepare_lora(path, field)
+        with self._lock:
+            self.misses += 1
+            # The same content under another name (a URL and a volume path): keep and return the one copy.
+            prepared = self._entries.get(prepared.content_sha256, prepared)
+            self._store(path, prepared)
+        return prepared
+
+    def _lookup(self, path: Path) -> PreparedLora | None:
+        try:
+            identity = _file_identity(path)
+        except OSError:
+            return None
+        digest = self._files.get(identity)
+        return None if digest is None else self._entries.get(digest)
+
+    def _store(self, path: Path, prepared: PreparedLora) -> None:
+        if prepared.nbytes > self.max_bytes:
+            return  # larger than the whole cache: used for this job only
+        if prepared.content_sha256 not in self._entries:
+            self._entries[prepared.content_sha256] = prepared
+            self._bytes += prepared.nbytes
+        self._files[_file_identity(path)] = prepared.content_sha256
+        while self._bytes > self.max_bytes:
+            _digest, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            log.info("LoRA memory cache: evicted %s (%d bytes)", evicted.name, evicted.nbytes)
+        live = set(self._entries)
+        self._files = {identity: digest for identity, digest in self._files.items() if digest in live}
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int, str]:
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, str(path))
+
+
+
+def prepared_loras(
+    loras: Sequence[tuple[Path, float]], cache: PreparedLoraCache | None = None
+) -> list[tuple[PreparedLora, float]]:
+    """Each ``(file, scale)`` of a job prepared (``prepare_cached``). Raises LoraError."""
+    return [(prepare_cached(Path(path), f"loras[{index}]", cache), scale) for index, (path, scale) in enumerate(loras)]
+
+
+def prepare_cached(path: Path, field: str, cache: PreparedLoraCache | None) -> PreparedLora:
+    """``path`` prepared: through ``cache`` (which prepares and keeps it on a miss), or read now without one."""
+    return cache.get(path, field) if cache is not None else prepare_lora(path, field)
+
+
+
+def load_failure_reason(err: Exception) -> str:
+    text = str(err)
+    mismatch = re.search(r"size mismatch for ([\w.]+?)\.lora_[AB]\.", text)
+    if mismatch:
+        return (
+            f"its weights do not fit this model's layers (size mismatch at {mismatch.group(1)}); "
+            "it was probably made for a different model"
+        )
+    if type(err).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in text:
+        return "its layers do not exist in this model; it was probably made for a different model"
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"it could not be loaded ({type(err).__name__}: {first_line[:200]})"
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials, query string or fragment: what may be logged and kept in a sidecar."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host  # IPv6 literals keep their brackets
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return "?"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # Not a with-block: the name must outlive the handle, for the rename and for the clean-up in finally.
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        "w", dir=path.parent, prefix=".sidecar-", suffix=".json", delete=False, encoding="utf-8"
+    )
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
