@@ -32,7 +32,7 @@ What it does (a benchmark, not a test: it asserts nothing about time):
    resident copies, rank ``--slot-rank``, default the worker's LORA_SLOT_RANK) and the runner copies the LoRA into
    the slot of the tree the job runs on (a fast job: the Lightning copy's slot copy); ``per-job`` builds none and the
    runner loads and removes it per job (``loras.applied_loras``, as with LORA_SLOT_RANK=0). The runner's LoRA step
-   (``runner._job_transformer``, wrapped and timed, device synchronised around it) is reported as ``lora``, a part of
+   (``runner.job_tree``, wrapped and timed, device synchronised around it) is reported as ``lora``, a part of
    ``other``; the JSON records the path, the ranks, the slots' bytes and the tree each job ran on.
 5. Reports, per mode and size: the worker's stage times, the denoise span on the GPU timeline (CUDA events in
    transformer hooks: the worker's clock is a host clock and may end before the GPU has finished), other time
@@ -799,7 +799,7 @@ class ForwardProbe:
 
 
 class LoraStepClock:
-    """Times the runner's LoRA step, ``runner._job_transformer`` (which the worker's stage clock leaves in ``other``):
+    """Times the runner's LoRA step, ``runner.job_tree`` (which the worker's stage clock leaves in ``other``):
     the worker's own function, wrapped while the bench runs, does the work.
 
     Entering it is the LoRA step's ``apply`` (the prepared LoRA from the host cache; with slots, ``LoraSlots.plan``
@@ -825,18 +825,18 @@ class LoraStepClock:
     def installed(self) -> Any:
         from qwen_worker import runner
 
-        original = runner._job_transformer
+        original = runner.job_tree
 
         # Whatever else the worker's function takes is passed through untouched: only its first argument, the
         # pipeline, is read here.
         def timed(pipeline: Any, *rest: Any, **named: Any) -> Any:
             return self._timed(original, pipeline, *rest, **named)
 
-        runner._job_transformer = timed
+        runner.job_tree = timed
         try:
             yield self
         finally:
-            runner._job_transformer = original
+            runner.job_tree = original
 
     @contextlib.contextmanager
     def _timed(self, original: Any, pipeline: Any, *rest: Any, **named: Any) -> Any:
@@ -1376,7 +1376,7 @@ def _user_lora_note(args: argparse.Namespace, report: dict[str, Any]) -> str:
     cache_bytes = report["settings"]["lora_memory_cache_bytes"]
     text += (f"; the prepared-LoRA host cache (PreparedLoraCache, {cache_bytes / 1e9:g} GB, the worker's default) is "
              "filled by the warm-up run, so no timed job reads a file (lora_cache_timed in each result); the LoRA "
-             "step (runner._job_transformer: apply + remove, device synchronised around each) is the table's 'lora' "
+             "step (trees.job_tree: apply + remove, device synchronised around each) is the table's 'lora' "
              "column, a part of 'other'")
     if args.fast_path == "today":
         text += "; with --fast-path today the Lightning file comes from that cache too"
@@ -1398,7 +1398,6 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     from qwen_worker.models import ResolvedModel
     from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
     from qwen_worker.runner import PipelineRunner
-    from qwen_worker.schema import FastMode
 
     bench_model = BENCH_MODELS[args.model]
     device = torch.device(args.device)
@@ -1508,9 +1507,9 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
         if lightning.eight_step is not None and args.fast_path == "resident":
             fast = resident_lightning(pipeline, lightning.by_mode(), "bench")
         if lightning.eight_step is not None and args.fast_path == "today":
-            # Fast jobs run on the pipeline's own transformer (a "copy" that is the original), with the file as a
-            # per-job LoRA: read, parsed, injected and removed in each job, as before issue 12.
-            fast = FastModes(copies={FastMode.REGULAR: pipeline.transformer})
+            # Fast jobs run on the pipeline's own transformer (no copy), with the file as a per-job LoRA: read,
+            # parsed, injected and removed in each job, as before issue 12.
+            fast = FastModes()
             args.per_job_lightning = ((lightning.eight_step, 1.0),)
         slots = None
         if args.user_lora == "slot":

@@ -6,10 +6,10 @@ issue 12) beside `new` (what the worker does now), for
 
 - a fast job: today, the Lightning file is read, parsed, converted and injected as peft adapters for the job, and
   unloaded after it; new, the pipeline's transformer is switched to the resident Lightning copy
-  (``adapters.fast_transformer``) and back;
+  (``trees.job_tree``) and back;
 - a user-LoRA job (the same LoRA as an earlier job): today, the same read/parse/convert/inject/unload; new, what
-  ``runner._job_transformer`` does: the prepared LoRA from a warm ``PreparedLoraCache``, ``LoraSlots.plan`` and
-  ``LoraSlots.applied`` (its weights copied into the LoRA slot, the slot copy switched in and back); and, for a LoRA
+  ``trees.job_tree`` does: the prepared LoRA from a warm ``PreparedLoraCache``, ``LoraSlots.plan`` and
+  ``LoraSlots.fill`` (its weights copied into the LoRA slot), the slot copy switched in and back; and, for a LoRA
   that does not fit the slot, ``loras.applied_loras`` with the warm cache (inject from memory, unload);
 
 on a transformer of the real width (``bench/configs/transformer_config.json``: 24 heads x 128, joint width 3584, MLP
@@ -55,12 +55,13 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from gpu_bench import LIGHTNING_RANK, write_synthetic_lora  # noqa: E402  (bench/, the script's own folder)
 
-from qwen_worker.adapters import FastModes, fast_transformer, resident_lightning  # noqa: E402
+from qwen_worker.adapters import FastModes, resident_lightning  # noqa: E402
 from qwen_worker.config import Settings  # noqa: E402
 from qwen_worker.lora_files import PreparedLoraCache, prepared_loras, verify_safetensors  # noqa: E402
 from qwen_worker.lora_slots import build_slots  # noqa: E402
 from qwen_worker.loras import applied_loras  # noqa: E402
 from qwen_worker.schema import FastMode  # noqa: E402
+from qwen_worker.trees import swapped_transformer  # noqa: E402
 
 REAL_BLOCKS = 60
 # Goals of issue 12.
@@ -229,15 +230,15 @@ def main() -> None:
         )
 
         def new_fast() -> None:
-            with fast_transformer(pipeline, fast, FastMode.REGULAR):
+            with swapped_transformer(pipeline, fast.copies[FastMode.REGULAR]):
                 pass
 
         cache = PreparedLoraCache(max_bytes=1 << 40)
 
         def slot_user() -> None:
-            # runner._job_transformer's slot path, call for call
+            # trees.job_tree's slot path, call for call
             plan = slots.plan(prepared_loras([(user, 1.0)], cache))
-            with slots.applied(pipeline, FastMode.NONE, plan):
+            with swapped_transformer(pipeline, slots.fill(FastMode.NONE, plan).module):
                 pass
 
         def new_user() -> None:

@@ -17,8 +17,7 @@ Two ways, chosen by ``LIGHTNING_FUSE`` (the measurements behind the choice are i
 A fused *second* transformer beside the plain one was measured too and not taken: it saves the LoRA's matmuls in a
 fast job (~2.5 % of the FLOPs at rank 64) for the memory of a whole second transformer (~41 GB in bf16).
 
-Per-job LoRAs run on the LoRA-slot copy of the job's tree (``lora_slots.py``), or, when they do not fit a slot, are
-added to the tree itself beside the resident Lightning adapter (``loras.applied_loras``) and removed afterwards.
+Which tree a job runs on, with its LoRAs, is chosen in ``trees.py``.
 """
 
 from __future__ import annotations
@@ -26,15 +25,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, LoraError
 from .lora_files import prepare_lora
-from .loras import RESIDENT_ADAPTERS, load_prepared
+from .loras import load_prepared
 from .schema import FastMode
 
 log = logging.getLogger(__name__)
@@ -55,6 +52,10 @@ class FastModes:
 
     def transformers(self) -> list[Any]:
         return list(self.copies.values())
+
+    def resident(self, mode: FastMode) -> dict[str, float]:
+        """The adapters living on ``mode``'s copy for good (name -> weight): its Lightning LoRA; none without a copy."""
+        return {LIGHTNING_ADAPTER: 1.0} if mode in self.copies else {}
 
 
 def share_weights_copy(transformer: Any) -> Any:
@@ -99,7 +100,6 @@ def resident_lightning(pipeline: Any, files: dict[FastMode, Path], model_id: str
             load_prepared(pipeline, tree, prepared, LIGHTNING_ADAPTER, str(path))
         except LoraError as err:
             raise ConfigError(f"Lightning LoRA {path} cannot be applied to {model_id}: {err.reason}") from None
-        setattr(tree, RESIDENT_ADAPTERS, {LIGHTNING_ADAPTER: 1.0})
         copies[mode] = tree
         log.info(
             "%s: Lightning %s resident (%s, %.0f MB) in %.1f s",
@@ -131,25 +131,3 @@ def _fuse(pipeline: Any, path: Path, model_id: str) -> None:
     transformer.unload_lora()
     vars(transformer).pop("_hf_peft_config_loaded", None)
     log.info("%s: Lightning %s fused into the transformer (LIGHTNING_FUSE=true)", model_id, path.name)
-
-
-@contextmanager
-def fast_transformer(pipeline: Any, fast: FastModes, mode: FastMode) -> Iterator[None]:
-    """Run the block on the transformer tree of ``mode``, and always put the pipeline's own one back."""
-    tree = fast.copies.get(mode)
-    if tree is None:  # plain, or the fused mode: the pipeline's own transformer
-        yield
-        return
-    with swapped_transformer(pipeline, tree):
-        yield
-
-
-@contextmanager
-def swapped_transformer(pipeline: Any, tree: Any) -> Iterator[None]:
-    """Run the block with ``tree`` as the pipeline's transformer, and always put the pipeline's own one back."""
-    own = pipeline.transformer
-    pipeline.transformer = tree
-    try:
-        yield
-    finally:
-        pipeline.transformer = own

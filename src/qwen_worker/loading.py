@@ -29,13 +29,14 @@ from typing import Any
 import torch
 
 from .acceleration import AccelerationSettings, allow_graphs, apply_acceleration, warm_up
-from .adapters import FastModes, fuse_lightning, resident_lightning, swapped_transformer
+from .adapters import FastModes, fuse_lightning, resident_lightning
 from .errors import ConfigError
 from .lora_slots import LoraSlots, build_slots
 from .models import ResolvedModel
 from .profiles import PROFILES, ModelProfile, profile_for
 from .quantization import quantize_transformer
 from .schema import FastMode, Task
+from .trees import swapped_transformer
 
 log = logging.getLogger(__name__)
 

@@ -35,18 +35,17 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .adapters import FastModes, share_weights_copy, swapped_transformer
+from .adapters import FastModes, share_weights_copy
 from .errors import LoraError
 from .lora_files import PreparedLora
-from .loras import RESIDENT_ADAPTERS
 from .schema import FastMode
+from .trees import SLOT_COPY, Tree
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +126,11 @@ def _factors(prepared: PreparedLora) -> SlotFactors:
 
 @dataclass
 class _SlotTree:
-    """One slot copy: its layers' slot weights, and how many rank rows of each the last job filled."""
+    """One slot copy: its resident adapters (its source's and the slot), its layers' slot weights, and how many rank
+    rows of each the last job filled."""
 
     tree: Any
+    resident: dict[str, float]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (lora_A weight, lora_B weight), rank rows
     filled: dict[str, int] = field(default_factory=dict)
 
@@ -188,10 +189,8 @@ class LoraSlots:
                             f"LORA_SLOT_RANK={self.rank}")  # fmt: skip
         return per_layer
 
-    @contextmanager
-    def applied(self, pipeline: Any, mode: FastMode, plan: Plan) -> Iterator[None]:
-        """Run the block on ``mode``'s slot copy holding ``plan`` (``plan(loras)``); the pipeline's own transformer
-        is put back after."""
+    def fill(self, mode: FastMode, plan: Plan) -> Tree:
+        """``mode``'s slot copy, ``plan`` (``plan(loras)``) written into its slot; the job runs on it."""
         slot = self._slot(mode)
         started = time.perf_counter()
         _fill(slot, plan)
@@ -199,8 +198,7 @@ class LoraSlots:
             "LoRAs written into the LoRA slot of the %s tree in %.1f ms",
             _tree_label(mode, fused=mode not in self._trees), (time.perf_counter() - started) * 1000,
         )  # fmt: skip
-        with swapped_transformer(pipeline, slot.tree):
-            yield
+        return Tree(slot.tree, slot.resident, SLOT_COPY)
 
 
 @torch.no_grad()
@@ -244,7 +242,7 @@ def build_slots(pipeline: Any, fast: FastModes, rank: int, model_id: str) -> Lor
     sources = {FastMode.NONE: pipeline.transformer, **fast.copies}
     for mode, source in sources.items():
         tree = share_weights_copy(source)
-        resident: dict[str, float] = dict(getattr(source, RESIDENT_ADAPTERS, {}))
+        resident = {**fast.resident(mode), SLOT_ADAPTER: 1.0}
         # lora_alpha = r: peft's scaling is 1.0, so the slot's output is exactly B_slot A_slot x.
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(shapes), lora_dropout=0.0)
         with warnings.catch_warnings():
@@ -253,7 +251,7 @@ def build_slots(pipeline: Any, fast: FastModes, rank: int, model_id: str) -> Lor
             # A Lightning copy already has its adapter: a second one beside it is the point.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             tree.add_adapter(config, adapter_name=SLOT_ADAPTER)
-        tree.set_adapters([*resident, SLOT_ADAPTER], weights=[*resident.values(), 1.0])
+        tree.set_adapters(list(resident), weights=list(resident.values()))
         weights = {}
         for name in shapes:
             layer = tree.get_submodule(name)
@@ -262,7 +260,7 @@ def build_slots(pipeline: Any, fast: FastModes, rank: int, model_id: str) -> Lor
                 down.zero_()
                 up.zero_()
             weights[name] = (down, up)
-        trees[mode] = _SlotTree(tree, weights)
+        trees[mode] = _SlotTree(tree, resident, weights)
     per_tree = sum(rank * (out_f + in_f) for out_f, in_f in shapes.values())
     element_bytes = next(iter(trees[FastMode.NONE].weights.values()))[0].element_size()
     log.info(

@@ -6,7 +6,8 @@ exactly the transformer it would have met without LoRAs: the same module classes
 the same ``state_dict`` keys and tensors, the same attributes. Adapters are never fused into the base weights, so
 removal involves no arithmetic and is exact (see ``_remove``). An empty list never touches peft. Files are prepared
 once (``lora_files.prepare_lora``) and served from host memory (``PreparedLoraCache``) when a cache is given.
-Adapters marked resident (the Lightning copies of ``adapters.py``) stay active beside the job's and are never removed.
+Adapters resident on the tree (a Lightning copy's, ``trees.Tree.resident``) stay active beside the job's and are never
+removed.
 
 Assumes one job at a time per pipeline (the worker's model): adapters live on the shared pipeline object.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,21 +27,22 @@ from .lora_files import PreparedLora, PreparedLoraCache, load_failure_reason, pr
 
 log = logging.getLogger(__name__)
 
-# Attribute a transformer carries when adapters live on it for good (the Lightning copies of adapters.py): name ->
-# weight. Per-job LoRAs are activated beside them and removed again; resident ones are never touched.
-RESIDENT_ADAPTERS = "_qwen_worker_resident_adapters"
-
-
 @contextmanager
 def applied_loras(
-    pipeline: Any, loras: Sequence[tuple[Path | PreparedLora, float]], cache: PreparedLoraCache | None = None
+    pipeline: Any,
+    loras: Sequence[tuple[Path | PreparedLora, float]],
+    cache: PreparedLoraCache | None = None,
+    *,
+    resident: Mapping[str, float] | None = None,
 ) -> Iterator[list[str]]:
     """Apply ``loras`` (``(file or prepared LoRA, scale)`` in ``loras[i]`` order) to ``pipeline`` for the block.
 
     Yields the adapter names. On exit, normal or not, every adapter this call added is removed. A file that cannot be
     applied (shapes for another model, no weights for this transformer) raises ``LoraError("loras[i]", ...)`` after
     the pipeline has been restored. With no LoRAs nothing at all happens. ``cache`` serves files prepared before
-    (no disk read, parse or conversion); without one each file is prepared for this call.
+    (no disk read, parse or conversion); without one each file is prepared for this call. ``resident``: the adapters
+    that live on the pipeline's transformer for good (name -> weight, ``trees.Tree.resident``), kept active beside the
+    job's and never removed.
     """
     if not loras:
         yield []
@@ -48,7 +50,7 @@ def applied_loras(
 
     transformer = pipeline.transformer
     had_peft_flag = "_hf_peft_config_loaded" in vars(transformer)
-    resident: dict[str, float] = dict(getattr(transformer, RESIDENT_ADAPTERS, {}))
+    kept: dict[str, float] = dict(resident or {})
     # A fresh suffix per call: an adapter left behind by a crash can never collide with, or be mistaken for, ours.
     call_id = uuid.uuid4().hex[:8]
     names: list[str] = []
@@ -61,14 +63,14 @@ def applied_loras(
             load_prepared(pipeline, transformer, prepared, name, field)
         try:
             pipeline.set_adapters(
-                [*resident, *names], adapter_weights=[*resident.values(), *(float(scale) for _path, scale in loras)]
+                [*kept, *names], adapter_weights=[*kept.values(), *(float(scale) for _path, scale in loras)]
             )
         except Exception as err:
             raise LoraError("loras", f"the LoRAs could not be activated ({type(err).__name__}: {err})") from None
         log.info("applied LoRAs %s", ", ".join(f"{item.name}@{s:g}" for item, s in loras))
         yield names
     finally:
-        _remove(pipeline, names, had_peft_flag, resident)
+        _remove(pipeline, names, had_peft_flag, kept)
 
 
 def load_prepared(pipeline: Any, transformer: Any, prepared: PreparedLora, name: str, field: str) -> None:

@@ -25,16 +25,15 @@ import torch
 from PIL import Image, ImageOps
 
 from .acceleration import BatchedTrueCFG
-from .adapters import fast_transformer
-from .errors import ConfigError, GenerationError, LoraError, TaskNotServedError, ValidationError
+from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
 from .inpainting import MaskedCanvas
 from .loading import LoadedPipeline, derive_pipeline, lightning_variable
-from .lora_files import PreparedLoraCache, prepared_loras
-from .loras import applied_loras
+from .lora_files import PreparedLoraCache
 from .media import flatten_alpha
 from .models import ResolvedModel
 from .profiles import DEFAULT_PROFILE, ModelProfile
 from .schema import Background, FastMode, Mode, Request, Task
+from .trees import job_tree
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +273,9 @@ class PipelineRunner:
         with (
             _pipeline_errors(loaded, job),
             _scheduler_for(pipeline, job.request),
-            # The transformer tree the job runs on, with its LoRAs, first: the clock's hooks and batching attach to
-            # the tree that runs.
-            _job_transformer(pipeline, loaded, job, self.lora_cache, notes),
+            # The transformer tree the job runs on, with its LoRAs (trees.py), first: the clock's hooks and batching
+            # attach to the tree that runs.
+            job_tree(pipeline, loaded, job.request.fast_mode, job.loras, self.lora_cache, notes),
             stages,
             _batching(pipeline, loaded, job.request),
             torch.inference_mode(),
@@ -297,42 +296,6 @@ class PipelineRunner:
             notes=notes + ([note] if note else []),
             license=loaded.profile.license.name,
         )
-
-
-@contextmanager
-def _job_transformer(
-    pipeline: Any, loaded: LoadedPipeline, job: GenerationJob, cache: PreparedLoraCache | None, notes: list[str]
-) -> Iterator[None]:
-    """Put on ``pipeline`` the transformer tree for the job's fast mode (``adapters.py``) and its LoRAs.
-
-    LoRAs go into the tree's LoRA slot (``lora_slots.py``: weights copied in place, no module change) when they fit
-    it; otherwise they are loaded onto the tree for this job (``loras.applied_loras``, slower; said in ``notes``),
-    except on a compiled transformer, where that would recompile: there the job is refused, naming what did not
-    fit."""
-    mode = job.request.fast_mode
-    if not job.loras:
-        with fast_transformer(pipeline, loaded.fast, mode):
-            yield
-        return
-    loras = prepared_loras(job.loras, cache)
-    if loaded.slots is not None:
-        try:
-            plan = loaded.slots.plan(loras)  # checks only: nothing is written when they do not fit
-        except LoraError as err:
-            if loaded.compiled_sizes is not None:
-                raise LoraError(
-                    err.field, f"{err.reason}; this endpoint is compiled (COMPILE=regional), so LoRAs are served only "
-                    "through the LoRA slot"
-                ) from None
-            log.info("%s does not fit the LoRA slot (%s): loaded for this job", err.field, err.reason)
-            notes.append(f"{err.field} does not fit this endpoint's LoRA slot ({err.reason}), so it was loaded for "
-                         "this job, which takes longer")  # fmt: skip
-        else:
-            with loaded.slots.applied(pipeline, mode, plan):
-                yield
-            return
-    with fast_transformer(pipeline, loaded.fast, mode), applied_loras(pipeline, loras):
-        yield
 
 
 def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: ProgressCallback | None) -> dict[str, Any]:
