@@ -24,15 +24,16 @@ What it does (a benchmark, not a test: it asserts nothing about time):
    ``--fast-path`` picks how: ``resident`` (default: read once onto a weight-sharing copy of the transformer, the
    worker's default), ``fused`` (LIGHTNING_FUSE: merged into the weights once) or ``today`` (loaded and removed per
    job, the worker's path before issue 12). ``--quant int8|fp8`` quantizes the transformer as TRANSFORMER_QUANT does,
-   in the worker's start-up order (fuse, quantize, resident copy).
+   through the worker's own preparing step (``loading.prepare_pipeline``: fuse, quantize, resident copy, in its order).
    ``--user-lora slot|per-job`` adds a user LoRA to every job of every mode: a synthetic one in diffusers' layout
    (``transformer.<module>.lora_A/B.weight``, rank ``--user-lora-rank``, on the same 12 projections), written once
    and served from the worker's prepared-LoRA host cache (``PreparedLoraCache``, filled by the warm-up run). ``slot``
-   builds the LoRA slots at start-up as the worker does (``lora_slots.build_slots`` after quantization and the
-   resident copies, rank ``--slot-rank``, default the worker's LORA_SLOT_RANK) and the runner copies the LoRA into
+   builds the LoRA slots at start-up in the worker's preparing step (after quantization and the resident copies,
+   rank ``--slot-rank``, default the worker's LORA_SLOT_RANK) and the runner copies the LoRA into
    the slot of the tree the job runs on (a fast job: the Lightning copy's slot copy); ``per-job`` builds none and the
    runner loads and removes it per job (``loras.applied_loras``, as with LORA_SLOT_RANK=0). The runner's LoRA step
-   (``runner.job_tree``, wrapped and timed, device synchronised around it) is reported as ``lora``, a part of
+   (``trees.job_tree``), timed by the worker's own stage clock (``runner._StageClock.lora_step``, the device
+   synchronised around apply and remove through the runner's ``synchronize``), is reported as ``lora``, a part of
    ``other``; the JSON records the path, the ranks, the slots' bytes and the tree each job ran on.
 5. Reports, per mode and size: the worker's stage times, the denoise span on the GPU timeline (CUDA events in
    transformer hooks: the worker's clock is a host clock and may end before the GPU has finished), other time
@@ -83,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import importlib.metadata
@@ -798,87 +800,43 @@ class ForwardProbe:
         return out
 
 
-class LoraStepClock:
-    """Times the runner's LoRA step, ``runner.job_tree`` (which the worker's stage clock leaves in ``other``):
-    the worker's own function, wrapped while the bench runs, does the work.
+@dataclass(frozen=True)
+class JobLoras:
+    """The LoRA files every job of a case carries, written at start-up: the Lightning file loaded per job
+    (``--fast-path today``, fast jobs only) and the synthetic user LoRA (``--user-lora``, every job)."""
 
-    Entering it is the LoRA step's ``apply`` (the prepared LoRA from the host cache; with slots, ``LoraSlots.plan``
-    and the copy of its weights into the slot; per job, ``loras.applied_loras``' injection), leaving it is ``remove``
-    (the slot copy swapped back; per job, the adapters unloaded). On CUDA the device is synchronised on both sides of
-    each, so the host-to-device copies are counted in the step, not in the encode stage after it. Per job it also
-    records which tree ran (a slot copy or not), the adapters on it, and the worker's own log lines of the step."""
+    lightning: tuple[tuple[Path, float], ...] = ()
+    user: tuple[tuple[Path, float], ...] = ()
 
-    LOGGERS = ("qwen_worker.runner", "qwen_worker.lora_slots", "qwen_worker.loras")
+    def for_job(self, fast_lora: bool) -> tuple[tuple[Path, float], ...]:
+        """The files of one job, Lightning's first (a fast job's, when loaded per job), as the worker orders them."""
+        return (*(self.lightning if fast_lora else ()), *self.user)
 
-    def __init__(self, device: torch.device, loaded: Any) -> None:
-        self.device = device
-        # Made at start-up, before any job: the trees a job can run on, by identity.
-        slots = loaded.slots.transformers() if loaded.slots is not None else ()
-        self.trees = {
-            **{id(tree): "Lightning copy" for tree in loaded.fast.copies.values()},
-            id(loaded.pipeline.transformer): "plain",  # --fast-path today: the Lightning "copy" is the plain tree
-            **{id(tree): "slot copy" for tree in slots},
-        }
-        self.last: dict[str, Any] | None = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Any:
-        from qwen_worker import runner
+# The worker's loggers of the LoRA step (trees.job_tree): its INFO lines are kept in each run's lora_step.
+LORA_STEP_LOGGERS = ("qwen_worker.trees", "qwen_worker.lora_slots", "qwen_worker.loras", "qwen_worker.lora_files")
 
-        original = runner.job_tree
 
-        # Whatever else the worker's function takes is passed through untouched: only its first argument, the
-        # pipeline, is read here.
-        def timed(pipeline: Any, *rest: Any, **named: Any) -> Any:
-            return self._timed(original, pipeline, *rest, **named)
+@contextlib.contextmanager
+def captured_log(names: tuple[str, ...]) -> Any:
+    """The messages the named loggers emit in the block, INFO included (INFO stops here; warnings reach the log)."""
+    lines: list[str] = []
 
-        runner.job_tree = timed
-        try:
-            yield self
-        finally:
-            runner.job_tree = original
+    def capture(record: logging.LogRecord) -> bool:
+        lines.append(record.getMessage())
+        return record.levelno >= logging.WARNING
 
-    @contextlib.contextmanager
-    def _timed(self, original: Any, pipeline: Any, *rest: Any, **named: Any) -> Any:
-        self.last = None
-        lines: list[str] = []
-
-        def capture(record: logging.LogRecord) -> bool:
-            lines.append(record.getMessage())
-            return record.levelno >= logging.WARNING  # INFO is kept here only; warnings still reach the log
-
-        loggers = [logging.getLogger(name) for name in self.LOGGERS]
-        levels = [logger.level for logger in loggers]
-        for logger in loggers:
-            logger.setLevel(logging.INFO)
-            logger.addFilter(capture)
-        try:
-            synchronize(self.device)
-            started = time.perf_counter()
-            with original(pipeline, *rest, **named):
-                synchronize(self.device)
-                applied = time.perf_counter()
-                tree = pipeline.transformer
-                kind = self.trees.get(id(tree), "unknown")
-                adapters = list(getattr(tree, "peft_config", None) or {})
-                try:
-                    yield
-                finally:
-                    leaving = time.perf_counter()
-            synchronize(self.device)
-            removed = time.perf_counter()
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.removeFilter(capture)
-                logger.setLevel(level)
-        self.last = {
-            "ms": (applied - started + removed - leaving) * 1000,
-            "apply_ms": (applied - started) * 1000,
-            "remove_ms": (removed - leaving) * 1000,
-            "tree": kind,
-            "adapters": adapters,
-            "log": lines,
-        }
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.addFilter(capture)
+    try:
+        yield lines
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeFilter(capture)
+            logger.setLevel(level)
 
 
 def request_for(spec: ModeSpec, size: int, steps: int, prompt: str, fast_lora: bool, warmup: bool) -> dict[str, Any]:
@@ -898,7 +856,7 @@ def request_for(spec: ModeSpec, size: int, steps: int, prompt: str, fast_lora: b
 
 def one_run(
     runner: Any, raw: dict[str, Any], size: int, device: torch.device, pipeline: Any,
-    job_loras: tuple[tuple[Path, float], ...] = (), lora_clock: LoraStepClock | None = None,
+    job_loras: tuple[tuple[Path, float], ...] = (), user_lora: bool = False,
 ) -> dict[str, Any]:
     from qwen_worker.profiles import request_rules
     from qwen_worker.runner import GenerationJob
@@ -915,7 +873,8 @@ def one_run(
     loaded = runner.served(request.mode).loaded
     # A job runs on the pipeline's own tree, a resident Lightning copy or, with user LoRAs, a LoRA slot copy.
     trees = (*loaded.fast.copies.values(), *(loaded.slots.transformers() if loaded.slots is not None else ()))
-    with ForwardProbe(pipeline, device, trees) as probe, warnings.catch_warnings():
+    with ForwardProbe(pipeline, device, trees) as probe, warnings.catch_warnings(), \
+            captured_log(LORA_STEP_LOGGERS) as lines:
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights: NaNs in the decoded image are expected
         generation = runner.generate(job)
     synchronize(device)
@@ -931,8 +890,17 @@ def one_run(
         "probe": probe.summary(),
         "images": len(generation.images),
     }
-    if lora_clock is not None:
-        run["lora_step"] = lora_clock.last
+    if user_lora:
+        # The worker's own stage clock timed the LoRA step (the runner synchronises the device around it here).
+        step = generation.lora_step
+        run["lora_step"] = None if step is None else {
+            "ms": step.apply_ms + step.remove_ms,
+            "apply_ms": step.apply_ms,
+            "remove_ms": step.remove_ms,
+            "tree": step.tree,
+            "adapters": run["probe"]["at_first_forward"].get("adapters", []),  # on the tree that ran
+            "log": lines,
+        }
     if device.type == "cuda":
         run["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         run["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -942,7 +910,7 @@ def one_run(
 def run_case(
     runner: Any, mode: str, size: int, args: argparse.Namespace, prompt: str, transformer_config: dict[str, Any],
     pipeline: Any, device: torch.device, matmul_tflops: float, lora_rank: int, bench_model: BenchModel,
-    lora_clock: LoraStepClock | None = None,
+    job_loras: JobLoras = JobLoras(),
 ) -> dict[str, Any]:
     spec = bench_model.modes[mode]
     fast_lora = spec.fast and args.fast_lora == "synthetic"
@@ -951,15 +919,15 @@ def run_case(
     def raw(warmup: bool) -> dict[str, Any]:
         return request_for(spec, size, timed_steps, prompt, fast_lora, warmup=warmup)
 
-    # --fast-path today: the Lightning file is loaded and removed per job, as the worker did before issue 12
-    per_job = args.per_job_lightning if fast_lora and args.fast_path == "today" else ()
+    # --fast-path today: the Lightning file is loaded and removed per job, as the worker did before issue 12;
     # --user-lora: every job, warm-ups included, carries the synthetic user LoRA (after Lightning's, when per job)
-    per_job = (*per_job, *args.user_lora_files)
+    per_job = job_loras.for_job(fast_lora)
+    user = bool(job_loras.user)
     for _ in range(args.warmup):
-        one_run(runner, raw(warmup=True), size, device, pipeline, per_job, lora_clock)
+        one_run(runner, raw(warmup=True), size, device, pipeline, per_job, user)
     cache = runner.lora_cache
     cache_before = (cache.hits, cache.misses) if cache is not None else (0, 0)
-    runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job, lora_clock)
+    runs = [one_run(runner, raw(warmup=False), size, device, pipeline, per_job, user)
             for _ in range(args.repeat)]
     first = runs[0]
     steps = first["steps"]
@@ -1390,13 +1358,13 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     stub = _ensure_runpod_importable()  # before the worker's modules are imported
     if stub:
         notes.append(stub)
-    from qwen_worker.adapters import FastModes, fuse_lightning, resident_lightning
+    from qwen_worker.acceleration import AccelerationSettings
     from qwen_worker.config import Settings
-    from qwen_worker.loading import SUPPORTED_PIPELINES, LightningFiles, LoadedPipeline
+    from qwen_worker.loading import LightningFiles, ReadPipeline, prepare_pipeline
     from qwen_worker.lora_files import PreparedLoraCache
-    from qwen_worker.lora_slots import SLOT_ADAPTER, build_slots
+    from qwen_worker.lora_slots import SLOT_ADAPTER
     from qwen_worker.models import ResolvedModel
-    from qwen_worker.quantization import check_quantization, linear_weight_bytes, quantize_transformer
+    from qwen_worker.quantization import check_quantization, linear_weight_bytes
     from qwen_worker.runner import PipelineRunner
 
     bench_model = BENCH_MODELS[args.model]
@@ -1474,7 +1442,6 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     lora_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-lora-"))
     try:
         lightning = LightningFiles()
-        args.per_job_lightning = ()
         if any(bench_model.modes[mode].fast for mode in args.modes) and args.fast_lora == "synthetic":
             lora_path = lora_dir / "synthetic-lightning-8step.safetensors"
             report["lora"] = write_synthetic_lightning_lora(lora_path, pipeline.transformer, lora_rank, device, dtype)
@@ -1488,55 +1455,12 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
             notes.append(f"fast mode: a SYNTHETIC Lightning-layout LoRA (rank {lora_rank}, random weights, "
                          f"{report['lora']['bytes'] / 1e6:.0f} MB), {how}")
 
-        args.user_lora_files = ()
+        user_files: tuple[tuple[Path, float], ...] = ()
         if args.user_lora != "none":
             user_path = lora_dir / "synthetic-user-lora.safetensors"
             report["user_lora"] = write_synthetic_user_lora(user_path, pipeline.transformer, args.user_lora_rank,
                                                             device, dtype)
-            args.user_lora_files = ((user_path, 1.0),)
-
-        # The worker's start-up order (loading.load_pipeline): fuse, quantize, resident copies, LoRA slots.
-        fast = FastModes()
-        started = time.perf_counter()
-        if lightning.eight_step is not None and args.fast_path == "fused":
-            fast = fuse_lightning(pipeline, lightning.by_mode(), "bench")
-        if args.quant != "none":
-            before = linear_weight_bytes(pipeline.transformer)
-            quantize_transformer(pipeline.transformer, args.quant, device)
-            report["quant_linear_weight_bytes"] = {"before": before, "after": linear_weight_bytes(pipeline.transformer)}
-        if lightning.eight_step is not None and args.fast_path == "resident":
-            fast = resident_lightning(pipeline, lightning.by_mode(), "bench")
-        if lightning.eight_step is not None and args.fast_path == "today":
-            # Fast jobs run on the pipeline's own transformer (no copy), with the file as a per-job LoRA: read,
-            # parsed, injected and removed in each job, as before issue 12.
-            fast = FastModes()
-            args.per_job_lightning = ((lightning.eight_step, 1.0),)
-        slots = None
-        if args.user_lora == "slot":
-            synchronize(device)
-            before_slots, slots_started = _allocated(device), time.perf_counter()
-            slots = build_slots(pipeline, fast, args.slot_rank, "bench")
-            if slots is None:
-                raise RuntimeError("build_slots built no LoRA slot (the transformer names no repeated blocks)")
-            synchronize(device)
-            per_tree = [
-                sum(p.numel() * p.element_size() for name, p in tree.named_parameters() if f".{SLOT_ADAPTER}." in name)
-                for tree in slots.transformers()
-            ]
-            after_slots = _allocated(device)
-            report["slots"] = {
-                "rank": slots.rank, "layers": len(slots.shapes), "trees": len(per_tree),
-                "bytes": sum(per_tree), "bytes_per_tree": per_tree,
-                "build_seconds": time.perf_counter() - slots_started,
-                "allocated_bytes_added": after_slots - before_slots if after_slots is not None else None,
-            }
-        synchronize(device)
-        report["startup_seconds"] = time.perf_counter() - started
-        slot_text = (f", LoRA slots rank {args.slot_rank} x {report['slots']['trees']} tree(s) "
-                     f"{report['slots']['bytes'] / 1e6:.1f} MB" if slots is not None else "")
-        print(f"start-up work (--fast-path {args.fast_path}, --quant {args.quant}{slot_text}): "
-              f"{report['startup_seconds']:.1f} s", flush=True)
-        report["weights_allocated_bytes_after_startup"] = _allocated(device)  # with the LoRA slots, when built
+            user_files = ((user_path, 1.0),)
 
         model = ResolvedModel(
             model_id=f"synthetic {bench_model.model_id} (random weights)",
@@ -1545,36 +1469,74 @@ def bench(args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
             source="bench/gpu_bench.py",
             pipeline_class=bench_model.pipeline_class,
         )
-        task, multi_image = SUPPORTED_PIPELINES[bench_model.pipeline_class]
-        loaded = LoadedPipeline(
-            model=model, pipeline=pipeline, task=task, accepts_multiple_images=multi_image, lightning=lightning,
-            fast=fast, slots=slots,
-        )
-        lora_clock = None
+        # The worker's own preparing step (loading.prepare_pipeline: fuse, quantize, resident copies, LoRA slots,
+        # in its order); --fast-path today prepares no Lightning copy, its file goes with every fast job instead.
+        today = lightning.eight_step is not None and args.fast_path == "today"
+        fuse = lightning.eight_step is not None and args.fast_path == "fused"
+        prepared_lightning = LightningFiles() if today else dataclasses.replace(lightning, fuse=fuse)
+        slot_rank = args.slot_rank if args.user_lora == "slot" else 0
+        allocated: dict[str, int | None] = {}
+
+        def after_step(name: str) -> None:
+            synchronize(device)  # the step's device work counts in its own time
+            allocated[name] = _allocated(device)
+
+        before_quant = linear_weight_bytes(pipeline.transformer) if args.quant != "none" else None
+        allocated["read"] = _allocated(device)
+        loaded = prepare_pipeline(ReadPipeline(model, pipeline, device), prepared_lightning,
+                                  AccelerationSettings(quant=args.quant), slot_rank, after_step=after_step)
+        if before_quant is not None:
+            report["quant_linear_weight_bytes"] = {"before": before_quant,
+                                                   "after": linear_weight_bytes(pipeline.transformer)}
+        # The runner checks a fast job against the configured files (as it does LIGHTNING_LORA's).
+        loaded.lightning = lightning
+        job_loras = JobLoras(lightning=((lightning.eight_step, 1.0),) if today and lightning.eight_step else (),
+                             user=user_files)
+        slots = loaded.slots
+        if args.user_lora == "slot":
+            if slots is None:
+                raise RuntimeError("build_slots built no LoRA slot (the transformer names no repeated blocks)")
+            per_tree = [
+                sum(p.numel() * p.element_size() for name, p in tree.named_parameters() if f".{SLOT_ADAPTER}." in name)
+                for tree in slots.transformers()
+            ]
+            before_slots, after_slots = allocated["resident_copies"], allocated["slots"]
+            report["slots"] = {
+                "rank": slots.rank, "layers": len(slots.shapes), "trees": len(per_tree),
+                "bytes": sum(per_tree), "bytes_per_tree": per_tree,
+                "build_seconds": loaded.startup_seconds["slots"],
+                "allocated_bytes_added": after_slots - before_slots
+                if after_slots is not None and before_slots is not None else None,
+            }
+        report["startup_seconds"] = sum(loaded.startup_seconds.values())
+        slot_text = (f", LoRA slots rank {args.slot_rank} x {report['slots']['trees']} tree(s) "
+                     f"{report['slots']['bytes'] / 1e6:.1f} MB" if slots is not None else "")
+        print(f"start-up work (--fast-path {args.fast_path}, --quant {args.quant}{slot_text}): "
+              f"{report['startup_seconds']:.1f} s", flush=True)
+        report["weights_allocated_bytes_after_startup"] = _allocated(device)  # with the LoRA slots, when built
+
         if args.user_lora == "none":
             runner = PipelineRunner([loaded], device)
         else:
-            # The worker's host cache of prepared LoRAs, at its default size: the warm-up run fills it.
+            # The worker's host cache of prepared LoRAs, at its default size: the warm-up run fills it. The runner's
+            # stage clock times the LoRA step, the device synchronised on both sides of apply and remove.
             cache = PreparedLoraCache(Settings().lora_memory_cache_bytes)
-            runner = PipelineRunner([loaded], device, lora_cache=cache)
-            lora_clock = LoraStepClock(device, loaded)
+            runner = PipelineRunner([loaded], device, lora_cache=cache, synchronize=lambda: synchronize(device))
             notes.append(_user_lora_note(args, report))
         prompt = prompt_for(pipeline, args.text_tokens, bench_model.embeddings_length)
 
-        # --user-lora: the runner's LoRA step is timed around the worker's own function (LoraStepClock)
-        with lora_clock.installed() if lora_clock is not None else contextlib.nullcontext():
-            for size, mode in itertools.product(args.sizes, args.modes):
-                print(f"running {mode} at {size}x{size} ...", flush=True)
-                try:
-                    result = run_case(runner, mode, size, args, prompt, configs["transformer"], pipeline, device,
-                                      peak["tflops_median"], lora_rank, bench_model, lora_clock)
-                    print(f"  wall {result['median']['wall_ms']:.0f} ms, denoise {result['median']['denoise_ms']:.0f} "
-                          f"ms, {_fmt(result['achieved_tflops'], 'rate')} TFLOP/s", flush=True)
-                except Exception as err:  # one failed case (out of memory, say) must not lose the others
-                    result = {"mode": mode, "size": [size, size], "error": f"{type(err).__name__}: {err}"}
-                    print(f"  FAILED: {result['error']}", flush=True)
-                report["results"].append(result)
-                write_json(report, json_path, quiet=True)
+        for size, mode in itertools.product(args.sizes, args.modes):
+            print(f"running {mode} at {size}x{size} ...", flush=True)
+            try:
+                result = run_case(runner, mode, size, args, prompt, configs["transformer"], pipeline, device,
+                                  peak["tflops_median"], lora_rank, bench_model, job_loras)
+                print(f"  wall {result['median']['wall_ms']:.0f} ms, denoise {result['median']['denoise_ms']:.0f} "
+                      f"ms, {_fmt(result['achieved_tflops'], 'rate')} TFLOP/s", flush=True)
+            except Exception as err:  # one failed case (out of memory, say) must not lose the others
+                result = {"mode": mode, "size": [size, size], "error": f"{type(err).__name__}: {err}"}
+                print(f"  FAILED: {result['error']}", flush=True)
+            report["results"].append(result)
+            write_json(report, json_path, quiet=True)
     finally:
         shutil.rmtree(lora_dir, ignore_errors=True)
     report["complete"] = True

@@ -33,7 +33,7 @@ from .media import flatten_alpha
 from .models import ResolvedModel
 from .profiles import DEFAULT_PROFILE, ModelProfile
 from .schema import Background, FastMode, Mode, Request, Task
-from .trees import job_tree
+from .trees import Tree, job_tree
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,17 @@ class GenerationJob:
     control: Image.Image | None = None  # ControlNet's control image
 
 
+@dataclass(frozen=True)
+class LoraStep:
+    """A job's LoRA step (``trees.job_tree``), as the stage clock timed it: the kind of tree the job ran on
+    (``trees.Tree.kind``), entering the step (choosing the tree; writing the LoRAs into its slot or loading them) and
+    leaving it (removing them). Not part of the result's timings: it is the GPU benchmark's to report."""
+
+    tree: str
+    apply_ms: float
+    remove_ms: float
+
+
 @dataclass
 class Generation:
     images: list[Image.Image]
@@ -148,6 +159,7 @@ class Generation:
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     license: str | None = None  # the model's licence, as results report it
+    lora_step: LoraStep | None = None
 
 
 class PipelineRunner:
@@ -159,8 +171,12 @@ class PipelineRunner:
         device: torch.device,
         lora_cache: PreparedLoraCache | None = None,
         controlnet: Any | None = None,
+        synchronize: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
+        # Called on both sides of the LoRA step's apply and remove (_StageClock): the GPU benchmark waits for the
+        # device there, so the step's host-to-device copies are counted in it; the worker waits for nothing.
+        self.synchronize = synchronize
         self.lora_cache = lora_cache
         self.controlnet = controlnet  # a QwenImageControlNetModel (QWEN_IMAGE_CONTROLNET_MODEL), or None
         self._by_task: dict[Task, LoadedPipeline] = {}
@@ -268,14 +284,14 @@ class PipelineRunner:
         loaded, pipeline = served.loaded, served.pipeline
         call = _call_arguments(served, job, on_progress)
         _note_uncompiled_size(loaded, job)
-        stages = _StageClock(pipeline)
+        stages = _StageClock(pipeline, self.synchronize)
         notes: list[str] = []
         with (
             _pipeline_errors(loaded, job),
             _scheduler_for(pipeline, job.request),
             # The transformer tree the job runs on, with its LoRAs (trees.py), first: the clock's hooks and batching
             # attach to the tree that runs.
-            job_tree(pipeline, loaded, job.request.fast_mode, job.loras, self.lora_cache, notes),
+            stages.lora_step(job_tree(pipeline, loaded, job.request.fast_mode, job.loras, self.lora_cache, notes)),
             stages,
             _batching(pipeline, loaded, job.request),
             torch.inference_mode(),
@@ -295,6 +311,7 @@ class PipelineRunner:
             timings_ms=stages.timings_ms(),
             notes=notes + ([note] if note else []),
             license=loaded.profile.license.name,
+            lora_step=stages.lora,
         )
 
 
@@ -456,17 +473,37 @@ def _pipeline_errors(loaded: LoadedPipeline, job: GenerationJob) -> Iterator[Non
 
 
 class _StageClock:
-    """Splits one pipeline call into encode (prompt and input images), denoise and decode.
+    """Splits one pipeline call into encode (prompt and input images), denoise and decode, and times the job's LoRA
+    step before and after it (``lora_step``).
 
     The first transformer forward marks the start of denoising and the last one its end, so no pipeline internals
-    are copied to time them. Hooks are removed when the call ends.
+    are copied to time them. Hooks are removed when the call ends. ``synchronize``: called on both sides of the LoRA
+    step's apply and remove (``PipelineRunner``'s).
     """
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, synchronize: Callable[[], None] | None = None) -> None:
         self.pipeline = pipeline
+        self.synchronize = synchronize or (lambda: None)
         self.first_forward: float | None = None
         self.last_forward: float | None = None
         self.started = self.ended = 0.0
+        self.lora: LoraStep | None = None
+
+    @contextmanager
+    def lora_step(self, step: AbstractContextManager[Tree]) -> Iterator[Tree]:
+        """Enter ``step`` (``trees.job_tree``), timing its apply (entering) and its remove (leaving) apart."""
+        self.synchronize()
+        started = time.perf_counter()
+        with step as tree:
+            self.synchronize()
+            applied = time.perf_counter()
+            try:
+                yield tree
+            finally:
+                leaving = time.perf_counter()
+        self.synchronize()
+        removed = time.perf_counter()
+        self.lora = LoraStep(tree.kind, (applied - started) * 1000, (removed - leaving) * 1000)
 
     def __enter__(self) -> _StageClock:
         self.started = time.perf_counter()
