@@ -116,6 +116,13 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "builder"))
 
 import torch  # noqa: E402
+from synthetic_loras import (  # noqa: E402  (builder/: the synthetic LoRA files tests write too)
+    LIGHTNING_MODULES,
+    parameters,
+    random_pairs,
+    write_diffusers,
+    write_down_up,
+)
 
 QUALITY_STEPS = 50
 QUALITY_CFG = 4.0
@@ -135,22 +142,6 @@ SEED = 0
 NORMAL_STD = 0.02
 GIB = 1024**3
 
-# The projections a Qwen-Image-Lightning LoRA adapts in every transformer block (12 per block); the synthetic user
-# LoRA of --user-lora targets the same ones, as most published Qwen-Image LoRAs do.
-LIGHTNING_MODULES = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-)
 # Words that the tiny tokenizer (BPE learnt on the pipelines' templates) encodes as one token each after a space.
 PROMPT_WORDS = ("the", "color", "shape", "size", "texture", "of", "objects", "and", "background", "image")
 
@@ -654,31 +645,12 @@ def write_synthetic_lora(
     lightning: bool, seed: int,
 ) -> dict[str, Any]:
     """Random rank-``rank`` pairs (normal 0.02) on ``LIGHTNING_MODULES`` of every block, written in the Lightning
-    layout or in diffusers' (``lightning`` False)."""
-    from safetensors.torch import save_file
-
-    layers = dict(transformer.named_modules())
-    blocks = len(transformer.transformer_blocks)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    parameters = 0
-    for block in range(blocks):
-        for module in LIGHTNING_MODULES:
-            name = f"transformer_blocks.{block}.{module}"
-            out_features, in_features = layers[name].weight.shape
-            down = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * NORMAL_STD
-            up = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * NORMAL_STD
-            if lightning:
-                tensors[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-                tensors[f"{name}.lora_up.weight"] = up.cpu().contiguous()
-                tensors[f"{name}.alpha"] = torch.tensor(float(rank))
-            else:
-                tensors[f"transformer.{name}.lora_A.weight"] = down.cpu().contiguous()
-                tensors[f"transformer.{name}.lora_B.weight"] = up.cpu().contiguous()
-            parameters += down.numel() + up.numel()
-    save_file(tensors, str(path))
+    layout or in diffusers' (``lightning`` False) by builder/synthetic_loras.py, the writer the tests use."""
+    pairs = random_pairs(transformer, seed, rank=rank, std=NORMAL_STD, modules=LIGHTNING_MODULES, device=device,
+                         dtype=dtype)
+    (write_down_up if lightning else write_diffusers)(path, pairs)
     layout = "Lightning (bare lora_down/lora_up/alpha)" if lightning else "diffusers (transformer.<module>.lora_A/B)"
-    return {"path": str(path), "rank": rank, "modules": blocks * len(LIGHTNING_MODULES), "parameters": parameters,
+    return {"path": str(path), "rank": rank, "modules": len(pairs), "parameters": parameters(pairs),
             "bytes": path.stat().st_size, "layout": layout, "synthetic": True}
 
 

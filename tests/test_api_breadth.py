@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from support.file_server import file_server
 from support.images import photo_like, to_bytes
-from support.lora_files import random_pairs, write_diffusers
 from support.responses import completed_output, decode_data_uri, open_image
+from synthetic_loras import random_pairs, write_diffusers
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
-from support.lora_files import lightning_and_style, write_diffusers
 from support.responses import completed_output, decode_data_uri, open_image
 from support.worker_process import WorkerProcess
+from synthetic_loras import lightning_and_style, write_diffusers
 
 from qwen_worker.app import build_worker
 from qwen_worker.config import Settings
@@ -173,7 +173,7 @@ def test_lightning_fuse_with_two_files_is_refused(tiny_models, files):
 
 
 def test_a_lightning_file_for_another_model_stops_the_worker(tiny_models, tmp_path):
-    from support.lora_files import shaped_pairs
+    from synthetic_loras import shaped_pairs
 
     wrong = write_diffusers(tmp_path / "wide.safetensors", shaped_pairs(64, seed=4))
     with pytest.raises(ConfigError, match="Lightning LoRA .*wide.safetensors cannot be applied"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.lora_files import random_pairs, write_diffusers
 from support.responses import decode_data_uri, open_image
+from synthetic_loras import random_pairs, write_diffusers
 
 from qwen_worker.schema import Task
 from qwen_worker.worker import Worker

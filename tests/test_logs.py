@@ -47,8 +47,8 @@ def signature(url: str) -> str:
 
 
 def lora_bytes(tiny_models, folder) -> bytes:
+    import synthetic_loras as lora_files  # here, not at the top: it imports torch
     from diffusers import QwenImageTransformer2DModel
-    from support import lora_files  # here, not at the top: it imports torch
 
     transformer = QwenImageTransformer2DModel.from_pretrained(
         tiny_models["qwen-image"] / "transformer", local_files_only=True

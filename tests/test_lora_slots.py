@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.lora_files import (
+from support.responses import completed_output, decode_data_uri, open_image
+from synthetic_loras import (
     random_pairs,
     write_diffusers,
     write_down_up,
     write_kohya,
     write_peft_trained,
 )
-from support.responses import completed_output, decode_data_uri, open_image
 
 from qwen_worker.app import build_worker
 from qwen_worker.config import Settings

@@ -13,8 +13,8 @@ import pickle
 
 import numpy as np
 import pytest
+import synthetic_loras as lora_files
 import torch
-from support import lora_files
 from support.file_server import Route, closed_port, file_server
 
 from qwen_worker.errors import LoraError

@@ -30,7 +30,7 @@ SEAM = 32  # the most the paste-back may feather
 @pytest.fixture(scope="module")
 def worker(tiny_models, progress_receiver, tmp_path_factory, start_worker):
     from diffusers import QwenImageTransformer2DModel
-    from support.lora_files import random_pairs, write_diffusers
+    from synthetic_loras import random_pairs, write_diffusers
 
     lightning = tmp_path_factory.mktemp("modes-loras") / "lightning-8step.safetensors"
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_models["qwen-image"] / "transformer")

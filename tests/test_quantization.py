@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.lora_files import lightning_and_style
 from support.responses import decode_data_uri, open_image
+from synthetic_loras import lightning_and_style
 
 from qwen_worker.app import build_worker, create_worker
 from qwen_worker.config import Settings

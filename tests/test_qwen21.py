@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
+import synthetic_loras as lora_files
 import torch
 from PIL import Image
-from support import lora_files
 from support.images import photo_like, to_bytes
 from support.responses import completed_output, decode_data_uri, open_image
 

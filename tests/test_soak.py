@@ -192,8 +192,8 @@ def build_mix(images_url: str, lora_url: str, s3: bool) -> list[Job]:
 
 
 def write_lora(tiny_models, folder: Path) -> bytes:
+    import synthetic_loras as lora_files  # here, not at the top: it imports torch
     from diffusers import QwenImageTransformer2DModel
-    from support import lora_files  # here, not at the top: it imports torch
 
     transformer = QwenImageTransformer2DModel.from_pretrained(
         tiny_models["qwen-image"] / "transformer", local_files_only=True

@@ -5,7 +5,6 @@
     responses        what a runsync answer holds: completed_output, decode_data_uri, open_image
     file_server      a 127.0.0.1 HTTP server for image and LoRA downloads (file_server, Route, closed_port)
     images           fixture images made in code (photo_like, to_bytes)
-    lora_files       tiny LoRA files in every published layout
     safety_checkers  safety checker folders that flag on purpose
     s3               a boto3 client for the local S3 server (s3_client)
     progress_receiver  ProgressReceiver: the job-output endpoint progress updates are posted to, on 127.0.0.1

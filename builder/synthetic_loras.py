@@ -1,4 +1,7 @@
-"""Tiny LoRA files for the tiny Qwen-Image transformer, in the layouts people actually publish.
+"""Synthetic LoRA files for a Qwen-Image transformer, in the layouts people actually publish: random low-rank pairs
+shaped for a given transformer's own layers. The tests write them for the tiny transformer (``BLOCK_MODULES``, small
+ranks); ``bench/gpu_bench.py`` and ``bench/lora_overhead.py`` write Lightning-sized ones (``LIGHTNING_MODULES``, rank
+64) for the full-width transformer. One writer for both, so a layout is spelled once.
 
 The same low-rank pairs (A: rank x in, B: out x rank) can be written as
 
@@ -20,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 RANK = 4
-# The attention and MLP projections of both tiny blocks: the layers real Qwen-Image LoRAs target.
+# The tests' LoRAs: the attention projections and the image MLP of each block (10), the list every test's files and
+# reference images were made with (another list would draw other random values for every file).
 BLOCK_MODULES = (
     "attn.to_q",
     "attn.to_k",
@@ -33,25 +37,42 @@ BLOCK_MODULES = (
     "img_mlp.net.0.proj",
     "img_mlp.net.2",
 )
+# The projections a Qwen-Image-Lightning LoRA adapts in every transformer block (12: the tests' 10 and the text MLP);
+# the GPU benchmark's synthetic Lightning and user LoRAs target these, as most published Qwen-Image LoRAs do.
+LIGHTNING_MODULES = (*BLOCK_MODULES, "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def target_modules(blocks: int = 2) -> list[str]:
-    return [f"transformer_blocks.{b}.{m}" for b in range(blocks) for m in BLOCK_MODULES]
+def target_modules(blocks: int = 2, modules: tuple[str, ...] = BLOCK_MODULES) -> list[str]:
+    return [f"transformer_blocks.{b}.{m}" for b in range(blocks) for m in modules]
 
 
-def random_pairs(transformer: torch.nn.Module, seed: int, *, rank: int = RANK, std: float = 0.3) -> Pairs:
-    """Non-zero A and B for each target module, shaped for ``transformer``'s own layers."""
-    generator = torch.Generator().manual_seed(seed)
+def random_pairs(
+    transformer: torch.nn.Module,
+    seed: int,
+    *,
+    rank: int = RANK,
+    std: float = 0.3,
+    modules: tuple[str, ...] = BLOCK_MODULES,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Pairs:
+    """Non-zero A and B (normal, ``std``) for ``modules`` of every block, shaped for ``transformer``'s own layers,
+    made on ``device`` in ``dtype`` (the writers save them through the CPU)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     layers = dict(transformer.named_modules())
     pairs: Pairs = {}
-    for name in target_modules():
+    for name in target_modules(len(transformer.transformer_blocks), modules):
         out_features, in_features = layers[name].weight.shape
-        a = torch.randn(rank, in_features, generator=generator) * std
-        b = torch.randn(out_features, rank, generator=generator) * std
+        a = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * std
+        b = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * std
         pairs[name] = (a, b)
     return pairs
+
+
+def parameters(pairs: Pairs) -> int:
+    return sum(a.numel() + b.numel() for a, b in pairs.values())
 
 
 def shaped_pairs(hidden: int, seed: int, *, rank: int = RANK) -> Pairs:
@@ -70,8 +91,8 @@ def scaled(pairs: Pairs, factor: float) -> Pairs:
 def write_diffusers(path: Path, pairs: Pairs, prefix: str = "transformer.") -> Path:
     tensors = {}
     for name, (a, b) in pairs.items():
-        tensors[f"{prefix}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{prefix}{name}.lora_B.weight"] = b.contiguous()
+        tensors[f"{prefix}{name}.lora_A.weight"] = a.cpu().contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = b.cpu().contiguous()
     save_file(tensors, str(path))
     return path
 
@@ -95,8 +116,8 @@ def write_down_up(path: Path, pairs: Pairs, alpha: float | None = None, *, key=l
     tensors = {}
     for name, (a, b) in pairs.items():
         key_name = key(name)
-        tensors[f"{key_name}.lora_down.weight"] = a.contiguous()
-        tensors[f"{key_name}.lora_up.weight"] = b.contiguous()
+        tensors[f"{key_name}.lora_down.weight"] = a.cpu().contiguous()
+        tensors[f"{key_name}.lora_up.weight"] = b.cpu().contiguous()
         tensors[f"{key_name}.alpha"] = torch.tensor(float(a.shape[0] if alpha is None else alpha))
     save_file(tensors, str(path))
     return path
