@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from gpu_bench import LIGHTNING_RANK, write_synthetic_lora  # noqa: E402  (bench/, the script's own folder)
+from gpu.build import LIGHTNING_RANK, write_synthetic_lora  # noqa: E402  (bench/gpu/, beside the script)
 
 from qwen_worker.adapters import FastModes, resident_lightning  # noqa: E402
 from qwen_worker.config import Settings  # noqa: E402
