@@ -72,9 +72,10 @@ soak: $(VENV)/.installed s3-server ## 300+ mixed jobs through one worker with an
 	$(PY) -m pytest -m soak -s
 
 # Build the Dockerfile for real with buildah against a debootstrap stand-in for nvidia/cuda, and serve from the images
-# with no network (scripts/image_test.py). Needs root; skips loudly without it (fails under CI=true or
-# REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min (measured), warm ~1 min.
-image-test: $(MODELS)/.built ## Build the image with buildah on a Debian stand-in base and serve from it offline
+# with no network (scripts/image_test.py); its Hub stage builds with no build args, as the Runpod Hub does, and runs
+# .runpod/tests.json and each hub.json preset in that image. Needs root; skips loudly without it (fails under CI=true
+# or REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~13 min, warm ~6 min (measured).
+image-test: $(MODELS)/.built ## Build the image (and the Runpod Hub's) with buildah on a stand-in base; serve offline
 	$(PY) scripts/image_test.py
 
 clean: ## Remove .venv, models, outputs and pytest's cache

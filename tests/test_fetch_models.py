@@ -844,3 +844,21 @@ def test_files_of_one_repo_are_fetched_together(fetch_models):
         )),
         (REPO, "pipeline", ()),
     ]
+
+
+def test_every_model_in_the_readme_table_names_its_fetch_name_and_build_arg(fetch_models):
+    """The README's Models table: each row's repos are in the catalogue, and the row names, for each, the
+    ``--models`` name that fetches it and the build argument (= worker variable) that bakes it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Models"):].split("\n\n")[2]
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ")]  # "|---" is not "| "
+    assert "fetch_models.py --models" in header.split(" | ")[-1] and rows
+    covered = set()
+    for row in rows:
+        weights = row.split(" | ")[-1]
+        named = [entry for entry in fetch_models.CATALOGUE if f"`{entry.name}`" in weights]
+        assert named, f"no fetch_models name in: {row}"
+        for entry in named:
+            assert entry.variable in weights, f"{entry.name}: build arg {entry.variable} missing in: {row}"
+            covered.add(entry.name)
+    assert covered == set(fetch_models.MODEL_CHOICES), set(fetch_models.MODEL_CHOICES) - covered
