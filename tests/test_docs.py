@@ -104,7 +104,6 @@ def test_environment_table_is_the_one_table_of_settings_in_every_column():
     assert "\n".join(lines[first:end]) + "\n" == readme_table(), "run `make env-table` (scripts/env_table.py --write)"
     rows = table_after("## Environment variables")
     assert [row[0] for row in rows] == [f"`{var.name}`" for var in VARIABLES]
-    assert READ_BY_THE_SDK == {"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"}
 
 
 def test_every_variable_read_is_a_row_and_every_row_is_read():
