@@ -131,7 +131,6 @@ class Settings:
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Every row of ``VARIABLES`` parsed (a bad value raises a ConfigError naming its variable), then the named
@@ -139,13 +138,12 @@ class Settings:
         env = os.environ if env is None else env
         values = {var.name: var.read(env) for var in VARIABLES if var.read_by == "worker"}
         attributes = {var.field: values[var.name] for var in VARIABLES if var.field is not None}
-        default = cls()
         settings = cls(
             **{name: value for name, value in attributes.items() if "." not in name},
             hf_hub_cache=_hf_hub_cache(values),
             bucket=_bucket_settings(values),
             upload_fallback_inline=values["UPLOAD_FALLBACK"] == "inline",
-            safety_checker=_safety_checker_policy(values, default.safety_checker),
+            safety_checker=_safety_checker_policy(values, _DEFAULTS.safety_checker),
             acceleration=_acceleration_settings(values, _nested(attributes, "acceleration")),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(values["RUNPOD_WEBHOOK_POST_OUTPUT"]),
@@ -184,6 +182,12 @@ class Variable:
     default_note: str = ""
     # "sdk": read by the runpod SDK, not by the worker: documented, never parsed here.
     read_by: Literal["worker", "sdk"] = "worker"
+
+    def __post_init__(self) -> None:
+        if self.field is not None and self.unset is not None:
+            raise ValueError(f"{self.name}: a variable with a field takes the field's default, not its own")
+        if (self.kind == "choice") != bool(self.choices):
+            raise ValueError(f"{self.name}: choices go with the choice kind, and it needs them")
 
     @property
     def default(self) -> Any:
