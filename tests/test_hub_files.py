@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from qwen_worker.config import VARIABLES_BY_NAME, Variable
+from qwen_worker.config import VARIABLES_BY_NAME, Settings, Variable
 from qwen_worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -359,3 +359,23 @@ def test_every_preset_starts_on_a_default_build_plus_one_cached_model(preset):
     assert preset["name"] in hub_section, "the README's Hub section does not list this preset"
     for model in missing:
         assert f"cached model {model}" in preset["name"], "the preset's name does not say which cached model it needs"
+
+
+def hub_env_text(overrides: dict[str, Any]) -> dict[str, str]:
+    """The environment a Hub deploy's worker sees: static values and input defaults, then ``overrides``, as text."""
+    env = {key: entry["value"] for key, entry in HUB_ENV.items() if "value" in entry}
+    for key, entry in HUB_ENV.items():
+        if "default" in entry.get("input", {}):
+            env[key] = env_text(entry["input"]["default"])
+    return env | {key: env_text(value) for key, value in overrides.items()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [preset["defaults"] for preset in HUB["config"]["presets"]]
+    + [{entry["key"]: entry["value"] for entry in TESTS["config"]["env"]}],
+    ids=[preset["name"] for preset in HUB["config"]["presets"]] + ["tests.json"],
+)
+def test_every_hub_environment_is_settings_the_worker_accepts(overrides):
+    """The rules between variables too (a model to serve, the bucket's four, SAFETY_CHECKER against its model)."""
+    Settings.from_env(hub_env_text(overrides))
