@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema
+.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema env-table
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -42,6 +42,10 @@ s3-server: ## Install the local Swift S3 server the S3 tests use (needs root; wa
 # once from its sdist on PyPI into ~/.cache. Without them that test skips loudly (and fails under CI=true).
 image-corpus: $(VENV)/.installed ## Fetch Pillow's corpus of broken and exotic images (once, into ~/.cache)
 	@$(PY) scripts/fetch_image_corpus.py || echo "WARNING: image corpus not fetched; tests/test_image_corpus.py will skip"
+
+# The README's env table is rendered from config.py's one table of settings; tests/test_docs.py fails while they differ.
+env-table: $(VENV)/.installed ## Rewrite the README's "Environment variables" table from src/qwen_worker/config.py
+	$(PY) scripts/env_table.py --write
 
 test: $(VENV)/.installed s3-server image-corpus ## Every test but the soak
 	$(PY) -m pytest
