@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
+from .memory_plan import GB, MEMORY_PLANS
 from .quantization import QUANT_MODES
 from .schema import parse_size
 
@@ -110,6 +111,12 @@ class Settings:
     # Load a component two pipelines share (identical files) once: Qwen-Image and -Edit share ~17 GB.
     share_components: bool = True
 
+    # The memory plan at start-up (memory_plan.py): "check" refuses a setup that does not fit the GPU, "auto" loads
+    # the least lossy plan that fits, "off" compares nothing. A size (bytes) plans against it instead of the GPU's
+    # free memory: a share of a GPU, or a rehearsal where there is no GPU.
+    memory_plan: str = "check"
+    memory_plan_gpu_bytes: int | None = None
+
     # Progress: sent to Runpod while denoising, only when the SDK has somewhere to send it.
     report_progress: bool = False
 
@@ -162,6 +169,8 @@ class Settings:
             safety_checker_model=reader.text("SAFETY_CHECKER_MODEL", "") or default.safety_checker_model,
             safety_check_inputs=reader.boolean("SAFETY_CHECK_INPUTS", default.safety_check_inputs),
             share_components=reader.boolean("SHARE_COMPONENTS", default.share_components),
+            memory_plan=reader.choice("MEMORY_PLAN", default.memory_plan, MEMORY_PLANS),
+            memory_plan_gpu_bytes=_gigabytes(reader.optional_number("MEMORY_PLAN_GPU_GB", low=0.001, high=100_000.0)),
             acceleration=_acceleration_settings(reader, default.acceleration),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(reader.text("RUNPOD_WEBHOOK_POST_OUTPUT", "")),
@@ -203,6 +212,10 @@ def _acceleration_settings(reader: _EnvReader, default: AccelerationSettings) ->
         warmup_sizes=tuple(sizes),
         quant=reader.choice("TRANSFORMER_QUANT", default.quant, QUANT_MODES),
     )
+
+
+def _gigabytes(value: float | None) -> int | None:
+    return None if value is None else int(value * GB)
 
 
 def _safety_checker_policy(reader: _EnvReader, default: str) -> str:
