@@ -4,7 +4,6 @@ on the tiny pipelines, where MEMORY_PLAN=auto's choice is loaded and reaches eve
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -266,10 +265,14 @@ def test_deploy_check_says_what_it_would_load_and_whether_it_fits(tiny_models, t
     assert f"QWEN_IMAGE_MODEL={tiny_models['qwen-image']}: QwenImagePipeline from local folder" in fits.stdout
     assert "transformer" in fits.stdout and "safety checker" in fits.stdout and "would start" in fits.stdout
     assert "QWEN_IMAGE_EDIT_MODEL: edits are not served" in fits.stdout
-    too_small = run_check({**env, "QWEN_IMAGE_EDIT_MODEL": "Qwen/Qwen-Image-Edit"}, "--gpu-memory", "0.01")
-    assert too_small.returncode == 1
-    assert "WOULD NOT START" in too_small.stdout and "QWEN_IMAGE_EDIT_MODEL" in too_small.stdout
-    assert "Qwen/Qwen-Image-Edit was not found" in too_small.stdout
-    small = run_check(env, "--gpu-memory", "0.01")
-    assert small.returncode == 1 and "WOULD NOT START: the configured models need" in small.stdout
-    json.dumps(small.stdout)  # printable text
+    missing = run_check(
+        {**env, "QWEN_IMAGE_EDIT_MODEL": "Qwen/Qwen-Image-Edit", "QWEN_IMAGE_LAYERED_MODEL": "Qwen/Qwen-Image-Layered"},
+        "--gpu-memory", "0.01",
+    )
+    assert missing.returncode == 1
+    # every missing model is named, not only the first, and what was found is still planned, against the size given
+    assert "WOULD NOT START: Model (QWEN_IMAGE_EDIT_MODEL) Qwen/Qwen-Image-Edit was not found" in missing.stdout
+    assert "WOULD NOT START: Model (QWEN_IMAGE_LAYERED_MODEL) Qwen/Qwen-Image-Layered was not found" in missing.stdout
+    assert "memory plan (bf16; MEMORY_PLAN=check)" in missing.stdout
+    assert "WOULD NOT START: the configured models need" in missing.stdout
+    assert "this GPU has 0.0 GB (--gpu-memory)" in missing.stdout

@@ -99,8 +99,11 @@ class ConfiguredPipeline:
     variable: str
 
 
-def configured_pipelines(settings: Settings) -> list[ConfiguredPipeline]:
-    """Resolve the configured models (offline) and refuse what must not be served, before any weight is loaded."""
+def configured_pipelines(settings: Settings, problems: list[str] | None = None) -> list[ConfiguredPipeline]:
+    """Resolve the configured models (offline) and refuse what must not be served, before any weight is loaded.
+
+    Raises ConfigError at the first problem; with ``problems`` (the deploy check) each model's problem is appended
+    there instead, and that model left out."""
     lightning = lightning_files(settings)
     found = []
     for spec, task, variable in (
@@ -110,20 +113,29 @@ def configured_pipelines(settings: Settings) -> list[ConfiguredPipeline]:
     ):
         if spec is None:
             continue
-        model = resolve_model(
-            spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, variable=variable
-        )
-        if model.pipeline_class in PROFILES:  # an unknown class is refused by load_pipeline, naming the known ones
-            # Before any weight is loaded: a research-only model is not served until its licence is accepted.
-            profile = profile_for(model.pipeline_class)
-            check_license(profile, spec, variable, settings.accept_research_license)
-            # The Lightning files that would apply to this model: its task's, and the edits' when it serves those
-            # too because no edit model is configured (2.1).
-            variables = [lightning_variable(each, mode) for each in _tasks(settings, task, profile.tasks)
-                         for mode in lightning[each].by_mode()]  # fmt: skip
-            check_lightning(profile, spec, variable, variables)
-        found.append(ConfiguredPipeline(model, task, variable))
+        try:
+            found.append(_configured(settings, spec, task, variable, lightning))
+        except ConfigError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
     return found
+
+
+def _configured(
+    settings: Settings, spec: str, task: Task, variable: str, lightning: dict[Task, LightningFiles]
+) -> ConfiguredPipeline:
+    model = resolve_model(spec, volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, variable=variable)
+    if model.pipeline_class in PROFILES:  # an unknown class is refused by load_pipeline, naming the known ones
+        # Before any weight is loaded: a research-only model is not served until its licence is accepted.
+        profile = profile_for(model.pipeline_class)
+        check_license(profile, spec, variable, settings.accept_research_license)
+        # The Lightning files that would apply to this model: its task's, and the edits' when it serves those too
+        # because no edit model is configured (2.1).
+        variables = [lightning_variable(each, mode) for each in _tasks(settings, task, profile.tasks)
+                     for mode in lightning[each].by_mode()]  # fmt: skip
+        check_lightning(profile, spec, variable, variables)
+    return ConfiguredPipeline(model, task, variable)
 
 
 def _tasks(settings: Settings, task: Task, served: tuple[Task, ...]) -> list[Task]:

@@ -48,11 +48,7 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
         return 1
     problems: list[str] = []
     print("models:", file=out)
-    pipelines = []
-    try:
-        pipelines = app.configured_pipelines(settings)
-    except ConfigError as err:
-        problems.append(str(err))
+    pipelines = app.configured_pipelines(settings, problems)  # every missing model, not only the first
     for each in pipelines:
         model = each.model
         print(f"  {each.variable}={model.model_id}: {model.pipeline_class} from {model.source} at {model.path}"
@@ -76,7 +72,7 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
         capability = torch.cuda.get_device_capability() if gpu else FP8_MIN_CAPABILITY
     if settings.require_cuda and not gpu and args.gpu_memory is None:
         problems.append("REQUIRE_CUDA is set but no CUDA device is visible")
-    if pipelines and not problems:
+    if pipelines:  # the plan of what was found, even when something else is missing
         try:
             report = make_report(
                 app.memory_setup(settings, pipelines),
