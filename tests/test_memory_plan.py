@@ -49,7 +49,7 @@ def report_for(env: dict[str, str], gb: float | None, *, fp8: bool = True):
 
 def test_component_bytes_are_the_published_sizes_and_the_files_hold_no_data(real):
     transformer = component_weights(real["qwen-image"] / "transformer")
-    assert len(transformer.files) == 9  # sharded, found through its index
+    assert len(transformer.files) == 9 and not transformer.short_files  # sharded, found through its index; whole
     # 20.430 B parameters (bench/configs/README.md), bf16 as stored
     assert sum(t.elements for t in transformer.tensors.values()) == pytest.approx(20.43e9, rel=1e-3)
     assert transformer.load_bytes(2) == pytest.approx(40.86e9, rel=1e-3)
@@ -95,13 +95,10 @@ def test_nothing_beyond_the_header_is_read(real, monkeypatch):
 
 def test_a_file_cut_short_after_its_header_still_plans_and_says_so(real, tmp_path):
     folder = tmp_path / "vae"
-    folder.mkdir()
     source = real["qwen-image"] / "vae" / "diffusion_pytorch_model.safetensors"
-    with open(source, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        handle.seek(0)
-        head = handle.read(8 + length)
-    (folder / "diffusion_pytorch_model.safetensors").write_bytes(head + b"\0" * 100)  # data region nearly all gone
+    sparse_copy(source, folder / "diffusion_pytorch_model.safetensors")
+    with open(folder / "diffusion_pytorch_model.safetensors", "r+b") as handle:
+        handle.truncate(handle.seek(0, 2) - 1000)  # the data region cut short
     weights = component_weights(folder)
     assert weights.load_bytes(2) == component_weights(real["qwen-image"] / "vae").load_bytes(2)
     assert weights.short_files
@@ -150,6 +147,30 @@ def test_shared_components_count_once(real):
     text_encoder = component_weights(real["qwen-image"] / "text_encoder").load_bytes(2)
     vae = component_weights(real["qwen-image"] / "vae").load_bytes(2)
     assert unshared - shared == text_encoder + vae
+
+
+def sparse_copy(source: Path, target: Path) -> None:
+    """``source``'s header, and a hole as long as its data."""
+    with open(source, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        handle.seek(0)
+        head = handle.read(8 + length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as handle:
+        handle.write(head)
+        handle.truncate(source.stat().st_size)
+
+
+def test_in_a_hub_cache_only_files_of_the_same_blob_count_as_identical(real, tmp_path):
+    source = real["qwen-image"] / "vae" / "diffusion_pytorch_model.safetensors"
+    for blob in ("aaa", "bbb"):
+        sparse_copy(source, tmp_path / "blobs" / blob)
+    for snapshot, blob in (("one", "aaa"), ("two", "bbb"), ("three", "aaa")):
+        link = tmp_path / snapshot / "vae" / "diffusion_pytorch_model.safetensors"
+        link.parent.mkdir(parents=True)
+        link.symlink_to(tmp_path / "blobs" / blob)
+    one, two, three = (component_weights(tmp_path / name / "vae").identity() for name in ("one", "two", "three"))
+    assert one == three and one != two  # same headers and lengths, other content: not shared
 
 
 def test_lightning_copies_and_slots_are_counted(real):

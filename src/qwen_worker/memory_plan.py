@@ -85,6 +85,11 @@ def read_header(path: Path) -> dict[str, Tensor]:
     """The tensors a safetensors file declares (name -> dtype, shape), read from its header alone.
 
     Raises ConfigError naming the file when it is not a safetensors file."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Tensor], int]:
+    """The tensors, and the length the header says the file has (8 + header + data)."""
     try:
         with open(path, "rb") as handle:
             length_bytes = handle.read(8)
@@ -110,11 +115,8 @@ def read_header(path: Path) -> dict[str, Tensor]:
     unknown = sorted({tensor.dtype for tensor in tensors.values()} - set(DTYPE_BYTES))
     if unknown:
         raise ConfigError(f"{path} holds tensors of dtype {', '.join(unknown)}, which this plan does not know")
-    return tensors
-
-
-def _declared_length(path: Path, tensors: Mapping[str, Tensor]) -> int:
-    return sum(tensor.elements * DTYPE_BYTES[tensor.dtype] for tensor in tensors.values())
+    data = sum(tensor.elements * DTYPE_BYTES[tensor.dtype] for tensor in tensors.values())
+    return tensors, 8 + length + data
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,19 @@ class Weights:
         }
 
     def identity(self) -> tuple[Any, ...]:
-        """What two identical components have alike: file names and lengths, and every tensor's name, dtype and
-        shape. (The loader's ComponentPool compares contents as well before sharing.)"""
+        """What two identical components have alike, read for free: in a Hugging Face cache each file's blob (named
+        by its content hash, so exact); elsewhere file names and lengths and every tensor's name, dtype and shape
+        (the loader's ComponentPool then hashes plain folders' contents before it shares)."""
         return (
-            tuple((path.name, path.stat().st_size) for path in self.files),
+            tuple((path.name, path.stat().st_size, _blob(path)) for path in self.files),
             tuple(sorted((name, tensor.dtype, tensor.shape) for name, tensor in self.tensors.items())),
         )
+
+
+def _blob(path: Path) -> str | None:
+    """The content-hash blob a Hugging Face cache links ``path`` to, or None outside a cache."""
+    target = path.resolve()
+    return target.name if path.is_symlink() and target.parent.name == "blobs" else None
 
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -200,9 +209,9 @@ def _from_files(folder: Path, files: Sequence[Path]) -> Weights:
     tensors: dict[str, Tensor] = {}
     short = []
     for path in files:
-        own = read_header(path)
+        own, declared_length = _read_header(path)
         tensors.update(own)
-        if path.stat().st_size < _declared_length(path, own):
+        if path.stat().st_size < declared_length:
             short.append(path)
     return Weights(folder, tuple(files), tensors, tuple(short))
 
