@@ -227,6 +227,8 @@ def _place(pipeline: Any, device: torch.device, offload: str) -> None:
     for name, module in pipeline.components.items():
         if isinstance(module, torch.nn.Module) and name != "text_encoder":
             module.to(device)
+    # The pipeline's execution device (where prompts are tokenized to and latents made) stays the GPU's: diffusers
+    # takes it from the first module of its components, the VAE in every Qwen-Image pipeline, which has no hook.
     encoder = pipeline.text_encoder
     if not hasattr(encoder, "_hf_hook"):  # a text encoder two pipelines share is hooked once
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module
