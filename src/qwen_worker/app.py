@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from .loading import (
 )
 from .loras import LoraStore, PreparedLoraCache
 from .memory_plan import GB, MemoryReport, Setup, make_report, pipeline_setup
-from .models import ResolvedFolder, ResolvedModel, resolve_folder, resolve_model
+from .models import ResolvedFolder, ResolvedModel, parse_repo_file, resolve_folder, resolve_model, resolve_repo_file
 from .profiles import PROFILES, check_license, check_lightning, profile_for
 from .progress import StepProgress, runpod_sender
 from .quantization import FP8_MIN_CAPABILITY
@@ -90,6 +91,15 @@ def build_safety(settings: Settings, device: torch.device) -> SafetyPolicy:
     return SafetyPolicy(checker=checker, mode=settings.safety_checker, check_inputs=settings.safety_check_inputs)
 
 
+def lightning_file(settings: Settings, value: Path | None, variable: str) -> Path | None:
+    """A Lightning variable's file: a local path as given, or ``org/name:file`` found offline in the model caches
+    (where ``builder/fetch_models.py --models lightning-8step`` puts it). Raises ConfigError naming the variable."""
+    if value is None or value.exists() or parse_repo_file(str(value)) is None:
+        return value
+    what = f"Lightning LoRA ({variable})"
+    return resolve_repo_file(str(value), volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, what=what)
+
+
 @dataclass(frozen=True)
 class ConfiguredPipeline:
     """A pipeline the settings ask for, found on disk and checked, not loaded yet."""
@@ -104,7 +114,13 @@ def configured_pipelines(settings: Settings, problems: list[str] | None = None) 
 
     Raises ConfigError at the first problem; with ``problems`` (the deploy check) each model's problem is appended
     there instead, and that model left out."""
-    lightning = lightning_files(settings)
+    try:
+        lightning = lightning_files(settings)
+    except ConfigError as err:
+        if problems is None:
+            raise
+        problems.append(str(err))
+        return []
     found = []
     for spec, task, variable in (
         (settings.t2i_model, Task.TEXT_TO_IMAGE, "QWEN_IMAGE_MODEL"),
@@ -145,10 +161,19 @@ def _tasks(settings: Settings, task: Task, served: tuple[Task, ...]) -> list[Tas
 
 
 def lightning_files(settings: Settings) -> dict[Task, LightningFiles]:
+    """The Lightning files per task, each found (``lightning_file``). Raises ConfigError naming the variable."""
     fuse = settings.lightning_fuse
     return {
-        Task.TEXT_TO_IMAGE: LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
-        Task.EDIT: LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
+        Task.TEXT_TO_IMAGE: LightningFiles(
+            lightning_file(settings, settings.lightning_lora, "LIGHTNING_LORA"),
+            lightning_file(settings, settings.lightning_lora_4step, "LIGHTNING_LORA_4STEP"),
+            fuse,
+        ),
+        Task.EDIT: LightningFiles(
+            lightning_file(settings, settings.lightning_edit_lora, "LIGHTNING_EDIT_LORA"),
+            lightning_file(settings, settings.lightning_edit_lora_4step, "LIGHTNING_EDIT_LORA_4STEP"),
+            fuse,
+        ),
         Task.LAYERS: LightningFiles(),  # no Lightning LoRA exists for Qwen-Image-Layered
     }
 
@@ -176,7 +201,9 @@ def memory_setup(settings: Settings, pipelines: list[ConfiguredPipeline]) -> Set
 def offload_blockers(settings: Settings) -> list[str]:
     """What model CPU offload cannot serve: trees that share the offloaded transformer's weights, and compilation."""
     blockers = []
-    if any(files.by_mode() and not files.fuse for files in lightning_files(settings).values()):
+    resident = [settings.lightning_lora, settings.lightning_lora_4step, settings.lightning_edit_lora,
+                settings.lightning_edit_lora_4step]  # fmt: skip
+    if not settings.lightning_fuse and any(value is not None for value in resident):
         blockers.append("the resident Lightning copies share the transformer's weights (set LIGHTNING_FUSE=true)")
     if settings.acceleration.compile:
         blockers.append("COMPILE=regional compiles GPU-resident blocks")
@@ -186,8 +213,8 @@ def offload_blockers(settings: Settings) -> list[str]:
 def gpu_memory(settings: Settings, device: torch.device) -> tuple[int | None, str, bool]:
     """Bytes to plan against, where that number comes from, and whether fp8 is supported there."""
     fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
-    if settings.memory_plan_gpu_bytes is not None:
-        return settings.memory_plan_gpu_bytes, "MEMORY_PLAN_GPU_GB", fp8
+    if settings.memory_plan_gpu_gb is not None:
+        return int(settings.memory_plan_gpu_gb * GB), "MEMORY_PLAN_GPU_GB", fp8
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return free, f"free of {total / GB:.1f} GB on {torch.cuda.get_device_name(device)}", fp8
@@ -242,6 +269,7 @@ def build_worker(settings: Settings) -> Worker:
         settings.volume_path,
         settings.image_fetch_timeout_seconds,
         prepared=prepared_loras,
+        baked_cache=settings.hf_hub_cache,
     )
     sender = runpod_sender() if settings.report_progress else None
     controlnet = None
