@@ -22,11 +22,9 @@ from qwen_worker.memory_plan import GB, component_weights, make_report, read_hea
 JOB = {"id": "plan", "input": {"prompt": "a lighthouse", "size": "256*256", "seed": 3}}
 
 
-@pytest.fixture(scope="session")
-def real(tmp_path_factory) -> dict[str, Path]:
-    from real_size_models import build_all  # builder/real_size_models.py
-
-    return build_all(tmp_path_factory.mktemp("real-size"))
+@pytest.fixture
+def real(real_size_models) -> dict[str, Path]:
+    return real_size_models
 
 
 def real_env(real: dict[str, Path], **env: str) -> dict[str, str]:
