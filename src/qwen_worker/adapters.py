@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .enums import FastMode
 from .errors import ConfigError, LoraError
 from .lora_files import prepare_lora
 from .loras import load_prepared
-from .schema import FastMode
 
 log = logging.getLogger(__name__)
 

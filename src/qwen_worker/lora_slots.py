@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from .adapters import FastModes, share_weights_copy
+from .enums import FastMode
 from .errors import LoraError
 from .lora_files import PreparedLora
-from .schema import FastMode
 from .trees import SLOT_COPY, Tree
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .enums import FastMode
 from .errors import LoraError
 from .lora_files import PreparedLora, PreparedLoraCache, prepared_loras
 from .loras import applied_loras
-from .schema import FastMode
 
 if TYPE_CHECKING:
     from .loading import LoadedPipeline
