@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models/tiny", help="the tiny model folders")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the worker's source (to compare versions)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{args.src}:{ROOT}",
            "QWEN_IMAGE_MODEL": str(args.models / "qwen-image"), "SAFETY_CHECKER": "off",
            "SAFETY_CHECKER_MODEL": "none", "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
     for name in ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_WEBHOOK_PING", "BUCKET_NAME", "QWEN_IMAGE_EDIT_MODEL"):
