@@ -751,8 +751,11 @@ def main(argv: list[str] | None = None) -> int:
                         row = compile_mode(worker, case, f)
                         row["compile"] = _delta(compile_counters(), before)
                     else:
-                        with _sync_debug(args):
+                        cuda_syncs: list[str] = []
+                        with _sync_debug(args, cuda_syncs):
                             row = run_mode(worker, case, f, loras)
+                        if args.cuda_sync_debug:  # CUDA's verdict over the three calls (warm-up, worker, stock)
+                            row["cuda_syncs"] = dict(Counter(cuda_syncs))
                     row["seconds"] = round(time.perf_counter() - started, 1)
                 except Exception as err:  # one failed mode must not lose the others
                     row = {"mode": case.name, "error": f"{type(err).__name__}: {err}"}
@@ -769,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _sync_debug(args: argparse.Namespace) -> Iterator[None]:
+def _sync_debug(args: argparse.Namespace, found: list[str]) -> Iterator[None]:
+    """On a GPU with --cuda-sync-debug: CUDA's own sync detection; each warning's Python location into ``found``."""
     if not args.cuda_sync_debug:
         yield
         return
@@ -781,7 +785,8 @@ def _sync_debug(args: argparse.Namespace) -> Iterator[None]:
             warnings.simplefilter("always")
             yield
         for warning in caught:
-            print(f"  CUDA sync: {warning.message}", flush=True)
+            if "synchroniz" in str(warning.message).lower():
+                found.append(f"{_short(warning.filename)}:{warning.lineno}: {str(warning.message)[:80]}")
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
