@@ -58,7 +58,8 @@ def steps(args: argparse.Namespace, python: str) -> list[tuple[str, list[str], i
     if "--check" in (ROOT / "handler.py").read_text():  # the memory-plan check, where the deploy work has landed
         # On the tiny pipelines: the lent machines hold no real weights. It checks that the planner runs against
         # this GPU's free memory; a real configuration's check needs its weights (docs/PERFORMANCE.md).
-        tiny = {"QWEN_IMAGE_MODEL": str(models / "qwen-image"), "QWEN_IMAGE_EDIT_MODEL": str(models / "qwen-image-edit"),
+        tiny = {"QWEN_IMAGE_MODEL": str(models / "qwen-image"),
+                "QWEN_IMAGE_EDIT_MODEL": str(models / "qwen-image-edit"),
                 "SAFETY_CHECKER": "off", "SAFETY_CHECKER_MODEL": "none"}  # fmt: skip
         plan.append(("check", [python, "handler.py", "--check"], 60, tiny))
     plan += [("step_bench", step, 200, {}), ("gpu_bench", gpu, 330, {})]

@@ -22,7 +22,7 @@ def test_the_recipe_runs_every_step_into_its_output_folder(tiny_models, tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "recipe.json").read_text())
     assert record["complete"] and record["tiny"]
-    assert {"env", "step_bench", "gpu_bench"} <= set(record["steps"])
+    assert {"env", "check", "step_bench", "gpu_bench"} <= set(record["steps"])  # check: handler.py --check
     for name, step in record["steps"].items():
         assert step["rc"] == 0, (name, (out / step["log"]).read_text()[-2000:])
         assert (out / step["log"]).stat().st_size > 0
