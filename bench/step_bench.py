@@ -424,7 +424,7 @@ def _randomise(model: torch.nn.Module) -> None:
 
 
 def write_loras(folder: Path, transformer: Any) -> dict[str, str]:
-    from gpu_bench import LIGHTNING_RANK, TINY_LORA_RANK, write_synthetic_lora
+    from gpu.build import LIGHTNING_RANK, TINY_LORA_RANK, write_synthetic_lora
 
     dtype = next(transformer.parameters()).dtype
     cpu = torch.device("cpu")
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": {} if args.compile else None,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device},
     }  # fmt: skip
-    from gpu_bench import _ensure_runpod_importable
+    from gpu.run import _ensure_runpod_importable
 
     stub = _ensure_runpod_importable()  # the lent GPU machines have no runpod SDK: LoRAs here are local files
     if stub:
