@@ -50,6 +50,42 @@ class BucketSettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """How the process serves: Runpod's queue (the SDK pulls jobs) or its own HTTP server for a load-balancing
+    endpoint (http_server.py). Read on its own, before the models' settings, so that an HTTP server whose models
+    cannot load still starts and answers why (``/ping`` 503) instead of exiting."""
+
+    mode: str = "queue"  # "queue" | "http"
+    host: str = "0.0.0.0"  # every interface: Runpod's load balancer reaches the container from outside
+    # Runpod's contract for load-balancing workers: the app on PORT (default 80), GET /ping on PORT_HEALTH (default
+    # PORT).
+    port: int = 80
+    port_health: int | None = None  # None: PORT
+    # Requests that may wait while one job runs (one GPU, one job at a time); more are answered 429 + Retry-After.
+    max_waiting: int = 2
+    # Runpod's load balancer carries requests of up to 30 MB; a larger body is refused (413) before it is read.
+    max_body_bytes: int = 30 * 1000 * 1000
+
+    @property
+    def health_port(self) -> int:
+        return self.port if self.port_health is None else self.port_health
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
+        reader = _EnvReader(os.environ if env is None else env)
+        default = cls()
+        port = reader.integer("PORT", default.port, low=1, high=65535)
+        return cls(
+            mode=reader.choice("SERVE", default.mode, ("queue", "http")),
+            host=reader.text("SERVE_HOST", "") or default.host,
+            port=port,
+            port_health=reader.optional_integer("PORT_HEALTH", low=1, high=65535),
+            max_waiting=reader.integer("SERVE_MAX_WAITING", default.max_waiting, low=0, high=1000),
+            max_body_bytes=reader.integer("SERVE_MAX_BODY_BYTES", default.max_body_bytes, low=1024, high=1 << 34),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """The worker's configuration. Build it with ``Settings.from_env()``; tests pass their own mapping."""
 
@@ -116,6 +152,10 @@ class Settings:
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
+    # Queue worker or HTTP server (read first and on its own by handler.py; kept here so the whole configuration is
+    # one object).
+    serve: ServeSettings = ServeSettings()
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -169,6 +209,7 @@ class Settings:
                 "RUNPOD_LOG_LEVEL", default.runpod_log_level, ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"),
                 upper=True,
             ),
+            serve=ServeSettings.from_env(env),
         )
         if settings.t2i_model is None and settings.edit_model is None and settings.layered_model is None:
             raise ConfigError(
