@@ -247,9 +247,11 @@ def test_oversized_body_is_refused_from_its_content_length_before_it_is_read(ser
 
 
 def test_oversized_chunked_body_is_refused_once_it_passes_the_limit(server):
-    def chunks():
-        for _ in range(40):  # 4 MB against the server's 2 MB limit
+    def chunks():  # a well-formed multipart file of 4 MB against the server's 2 MB limit, sent without a length
+        yield b'--abc\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(40):
             yield b"x" * 100_000
+        yield b"\r\n--abc--\r\n"
 
     answer = requests.post(server.url + "/v1/images/edits", data=chunks(), timeout=60,
                            headers={"Content-Type": "multipart/form-data; boundary=abc"})
