@@ -125,8 +125,8 @@ def test_edit_one_image(client):
 
 def test_edit_several_images(client):
     files = [png_file(photo_like(256, 256, seed=i), f"in{i}.png") for i in range(2)]
-    response = client.images.edit(image=files, prompt="combine them", size=SMALL, n=2)
-    assert len(response.data) == 2
+    response = client.images.edit(image=files, prompt="combine them", size=SMALL)
+    assert image_of(response.data[0]).size == (256, 256)
 
 
 def inpainting_inputs() -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
