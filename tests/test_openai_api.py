@@ -106,3 +106,34 @@ def test_queue_job_shape_answers_openai_s_objects(plain):
     assert refused["error"].startswith("Invalid parameter: openai_route must be one of")
     edit = {"openai_route": EDITS, "openai_input": {"prompt": "x", "images": [{"file_id": "file-1"}]}}
     assert "file_id is not supported" in openai_api.handle_job(plain, {"id": "q", "input": edit})["error"]
+
+
+class BrokenGpuWorker:
+    """A stand-in for the Worker whose every job meets a sticky CUDA fault (GenerationError, fatal)."""
+
+    def __init__(self, real) -> None:
+        self.settings = real.settings
+        self.image_limits = real.image_limits
+        self.check = real.check
+        self.served_models = real.served_models
+
+    def run(self, job, job_id):
+        from qwen_worker.errors import GenerationError
+
+        raise GenerationError("CUDA error: an illegal memory access was encountered", fatal=True)
+
+
+def test_a_fatal_gpu_fault_answers_500_and_takes_the_worker_out_of_routing(plain):
+    from starlette.testclient import TestClient
+
+    from qwen_worker.http_server import Health, JobGate, create_app
+
+    health = Health()
+    health.worker = BrokenGpuWorker(plain)
+    with TestClient(create_app(health, JobGate(max_waiting=1), 1_000_000)) as client:
+        assert client.get("/ping").status_code == 200
+        answer = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "256x256"})
+        assert answer.status_code == 500 and "illegal memory access" in answer.json()["error"]["message"]
+        ping = client.get("/ping")
+        assert ping.status_code == 503 and "must be replaced" in ping.json()["error"]["message"]
+        assert client.post("/v1/images/generations", json={"prompt": "a cat"}).status_code == 503

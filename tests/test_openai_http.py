@@ -23,6 +23,7 @@ import requests
 from PIL import Image
 from support.images import photo_like, to_bytes
 from support.s3 import s3_client
+from support.worker_process import free_port
 
 SMALL = "256x256"
 
@@ -377,15 +378,18 @@ def test_ping_goes_204_then_200_url_is_refused_without_a_bucket_and_sigterm_fini
 
 
 def test_failed_start_answers_503_with_the_cause_everywhere(start_worker, tmp_path):
-    process = start_worker(http=True, wait=False, QWEN_IMAGE_MODEL=str(tmp_path / "missing-model"))
+    health = f"http://127.0.0.1:{free_port()}"  # PORT_HEALTH apart from PORT, as an endpoint may set it
+    process = start_worker(
+        http=True, wait=False, QWEN_IMAGE_MODEL=str(tmp_path / "missing-model"), PORT_HEALTH=health.rsplit(":", 1)[1]
+    )
     deadline = time.monotonic() + 180
     status = None
     while time.monotonic() < deadline and status != 503:
         with contextlib.suppress(requests.ConnectionError):  # not listening yet
-            status = requests.get(process.url + "/ping", timeout=2).status_code
+            status = requests.get(health + "/ping", timeout=2).status_code
         time.sleep(0.2)
     assert status == 503
-    ping = requests.get(process.url + "/ping", timeout=2).json()
+    ping = requests.get(health + "/ping", timeout=2).json()
     assert "missing-model" in ping["error"]["message"]
     with pytest.raises(openai.InternalServerError) as caught:
         client_for(process).images.generate(prompt="a cat")
