@@ -10,7 +10,7 @@ The field mapping (the README's "OpenAI Images API" table says the same to users
 
     prompt, background, output_format   the native fields of the same name
     n                                   num_images
-    size "WxH" | "auto"                 size "W*H" | the native default (1024x1024, or the input's size for edits)
+    size "WxH" | "auto"                 size "W*H" | the native default (1024x1024; edits: ~1 MP at the input's aspect)
     quality low | medium | high | auto  the 4-step Lightning path | the 8-step one | the card's steps | the
                                         endpoint's default; a fast path the endpoint lacks falls back to what it
                                         has, and the response says so (``quality`` and ``notes``)
