@@ -8,10 +8,20 @@
 #   CUDA_IMAGE              the base image                                            (nvidia/cuda:13.0.2-base-ubuntu24.04)
 #   PYTHON                  the base's Python package and command                    (python3.12, Ubuntu 24.04's)
 #   QWEN_IMAGE_MODEL        text-to-image repo id to bake and serve, or "none"        (default Qwen/Qwen-Image)
+#                           (Qwen/Qwen-Image-2512; Qwen/Qwen-Image-2.1 with the licence arg below)
 #   QWEN_IMAGE_EDIT_MODEL   edit repo id to bake and serve, or "none"                 (default none)
+#                           (Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509 or -2511)
 #   QWEN_IMAGE_REVISION / QWEN_IMAGE_EDIT_REVISION   revisions to bake               (default main)
-#   BAKE_MODELS             "true" bakes the pipelines into the image; "false" leaves them to Runpod's cached
-#                           models or a network volume                                (default true)
+#   QWEN_IMAGE_LAYERED_MODEL     layers pipeline to bake and serve (Qwen/Qwen-Image-Layered), or "none" (default none)
+#   QWEN_IMAGE_CONTROLNET_MODEL  ControlNet to bake and serve (InstantX/Qwen-Image-ControlNet-Union), or "none"
+#   LIGHTNING_LORA, LIGHTNING_LORA_4STEP, LIGHTNING_EDIT_LORA, LIGHTNING_EDIT_LORA_4STEP
+#                           a Lightning file to bake and serve, spelled org/name:file (builder/fetch_models.py --list
+#                           prints each one), or empty                                (default empty: no fast mode)
+#   QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE   "true" accepts the Qwen Research License: needed to bake Qwen-Image-2.1,
+#                           and the image then serves it                               (default false)
+#   BAKE_MODELS             "true" bakes the models above into the image; "false" leaves them to Runpod's cached
+#                           models or a network volume (the image still names them)   (default true)
+# With no build argument at all (what the Runpod Hub builds) the image bakes Qwen/Qwen-Image and the checker only.
 #   SAFETY_CHECKER_MODEL    the NSFW checker, baked whatever BAKE_MODELS says (~1.2 GB), or "none": no checker,
 #                           and the worker then defaults to SAFETY_CHECKER=off        (CompVis/stable-diffusion-safety-checker)
 #   HF_ENDPOINT             a Hugging Face Hub mirror to bake from                    (unset: huggingface.co)
@@ -55,6 +65,13 @@ ARG QWEN_IMAGE_MODEL=Qwen/Qwen-Image
 ARG QWEN_IMAGE_EDIT_MODEL=none
 ARG QWEN_IMAGE_REVISION=main
 ARG QWEN_IMAGE_EDIT_REVISION=main
+ARG QWEN_IMAGE_LAYERED_MODEL=none
+ARG QWEN_IMAGE_CONTROLNET_MODEL=none
+ARG LIGHTNING_LORA=
+ARG LIGHTNING_LORA_4STEP=
+ARG LIGHTNING_EDIT_LORA=
+ARG LIGHTNING_EDIT_LORA_4STEP=
+ARG QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=false
 ARG BAKE_MODELS=true
 ARG SAFETY_CHECKER_MODEL=CompVis/stable-diffusion-safety-checker
 ARG HF_ENDPOINT=
@@ -64,12 +81,23 @@ COPY builder/fetch_models.py builder/
 RUN --mount=type=secret,id=hf_token,required=false \
     set -eu; \
     models=""; \
+    extra=""; \
     if [ "$BAKE_MODELS" = "true" ]; then \
         if [ "$QWEN_IMAGE_MODEL" != "none" ]; then models="t2i"; fi; \
         if [ "$QWEN_IMAGE_EDIT_MODEL" != "none" ]; then models="${models:+$models,}edit"; fi; \
+        layered="${QWEN_IMAGE_LAYERED_MODEL:-none}"; \
+        if [ "$layered" != "none" ]; then models="${models:+$models,}layered"; extra="--repo layered=$layered"; fi; \
+        controlnet="${QWEN_IMAGE_CONTROLNET_MODEL:-none}"; \
+        if [ "$controlnet" != "none" ]; then \
+            models="${models:+$models,}controlnet-union"; extra="$extra --repo controlnet-union=$controlnet"; \
+        fi; \
+        for lora in "${LIGHTNING_LORA:-}" "${LIGHTNING_LORA_4STEP:-}" "${LIGHTNING_EDIT_LORA:-}" \
+                    "${LIGHTNING_EDIT_LORA_4STEP:-}"; do \
+            if [ -n "$lora" ] && [ "$lora" != "none" ]; then extra="$extra --file $lora"; fi; \
+        done; \
     fi; \
-    extra=""; \
-    if [ "$SAFETY_CHECKER_MODEL" != "none" ]; then extra="--extra-repo $SAFETY_CHECKER_MODEL"; fi; \
+    if [ "${QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE:-false}" = "true" ]; then extra="$extra --accept-research-license"; fi; \
+    if [ "$SAFETY_CHECKER_MODEL" != "none" ]; then extra="$extra --extra-repo $SAFETY_CHECKER_MODEL"; fi; \
     if [ -z "${HF_ENDPOINT:-}" ]; then unset HF_ENDPOINT; fi; \
     HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
     python builder/fetch_models.py --models "${models:-none}" \
@@ -90,6 +118,13 @@ RUN set -eu; \
 
 ENV QWEN_IMAGE_MODEL=${QWEN_IMAGE_MODEL} \
     QWEN_IMAGE_EDIT_MODEL=${QWEN_IMAGE_EDIT_MODEL} \
+    QWEN_IMAGE_LAYERED_MODEL=${QWEN_IMAGE_LAYERED_MODEL} \
+    QWEN_IMAGE_CONTROLNET_MODEL=${QWEN_IMAGE_CONTROLNET_MODEL} \
+    LIGHTNING_LORA=${LIGHTNING_LORA} \
+    LIGHTNING_LORA_4STEP=${LIGHTNING_LORA_4STEP} \
+    LIGHTNING_EDIT_LORA=${LIGHTNING_EDIT_LORA} \
+    LIGHTNING_EDIT_LORA_4STEP=${LIGHTNING_EDIT_LORA_4STEP} \
+    QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=${QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE} \
     SAFETY_CHECKER_MODEL=${SAFETY_CHECKER_MODEL} \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \

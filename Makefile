@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test
+.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test env-table
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -43,6 +43,10 @@ s3-server: ## Install the local Swift S3 server the S3 tests use (needs root; wa
 image-corpus: $(VENV)/.installed ## Fetch Pillow's corpus of broken and exotic images (once, into ~/.cache)
 	@$(PY) scripts/fetch_image_corpus.py || echo "WARNING: image corpus not fetched; tests/test_image_corpus.py will skip"
 
+# The README's env table is rendered from config.py's one table of settings; tests/test_docs.py fails while they differ.
+env-table: $(VENV)/.installed ## Rewrite the README's "Environment variables" table from src/qwen_worker/config.py
+	$(PY) scripts/env_table.py --write
+
 test: $(VENV)/.installed s3-server image-corpus ## Every test but the soak
 	$(PY) -m pytest
 
@@ -72,9 +76,10 @@ soak: $(VENV)/.installed s3-server ## 300+ mixed jobs through one worker with an
 	$(PY) -m pytest -m soak -s
 
 # Build the Dockerfile for real with buildah against a debootstrap stand-in for nvidia/cuda, and serve from the images
-# with no network (scripts/image_test.py). Needs root; skips loudly without it (fails under CI=true or
-# REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~10 min (measured), warm ~1 min.
-image-test: $(MODELS)/.built ## Build the image with buildah on a Debian stand-in base and serve from it offline
+# with no network (scripts/image_test.py); its Hub stage builds with no build args, as the Runpod Hub does, and runs
+# .runpod/tests.json and each hub.json preset in that image. Needs root; skips loudly without it (fails under CI=true
+# or REQUIRE_IMAGE_TEST=1). Its store stays in /var/cache/qwen-worker-image-test: cold ~13 min, warm ~6 min (measured).
+image-test: $(MODELS)/.built ## Build the image (and the Runpod Hub's) with buildah on a stand-in base; serve offline
 	$(PY) scripts/image_test.py
 
 clean: ## Remove .venv, models, outputs and pytest's cache

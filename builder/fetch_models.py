@@ -1,28 +1,42 @@
 #!/usr/bin/env python3
-"""Download the Qwen-Image pipelines into a Hugging Face cache: at image build time, or onto a network volume.
+"""Download what the worker serves into a Hugging Face cache: at image build time, or onto a network volume.
 
-    python builder/fetch_models.py [--models t2i,edit,edit-plus|none] [--t2i-repo Qwen/Qwen-Image]
-        [--edit-repo Qwen/Qwen-Image-Edit] [--edit-plus-repo Qwen/Qwen-Image-Edit-2509]
-        [--revision-t2i REV] [--revision-edit REV] [--revision-edit-plus REV]
-        [--cache-dir DIR] [--extra-repo REPO[@REV] ...]
+    python builder/fetch_models.py [--models NAME,NAME...|none] [--repo NAME=REPO] [--revision NAME=REV]
+        [--file REPO[@REV]:FILE ...] [--accept-research-license] [--cache-dir DIR] [--extra-repo REPO[@REV] ...]
+        [--t2i-repo REPO] [--edit-repo REPO] [--edit-plus-repo REPO] [--revision-t2i REV] ...
+
+Every model the worker serves has a name here (``--list`` prints them with the worker variable each one fills):
+
+    t2i Qwen/Qwen-Image                    t2i-2512 Qwen/Qwen-Image-2512        qwen-image-2.1 Qwen/Qwen-Image-2.1
+    edit Qwen/Qwen-Image-Edit              edit-plus Qwen/Qwen-Image-Edit-2509  edit-plus-2511 Qwen/Qwen-Image-Edit-2511
+    layered Qwen/Qwen-Image-Layered        controlnet-union InstantX/Qwen-Image-ControlNet-Union
+    lightning-8step, lightning-4step, lightning-edit-*, lightning-edit-2509-*, lightning-edit-2511-*: one LoRA file
+    each from lightx2v's Lightning repos (the CATALOGUE below names each file)
+
+``qwen-image-2.1`` is under the Qwen Research License (research and evaluation only): it is fetched only with
+``--accept-research-license``. A single file is named ``REPO:FILE`` (``--file``), the same spelling the worker's
+``LIGHTNING_LORA`` and a job's ``loras[].path`` accept, resolved offline in the same caches.
 
 Examples::
 
     # Dockerfile (BuildKit): the token is a build secret, never a layer or a build arg
     RUN --mount=type=secret,id=hf_token,env=HF_TOKEN python builder/fetch_models.py --models t2i
 
-    # Network volume, from a pod with the volume at /runpod-volume (the worker looks in <volume>/.cache/huggingface/hub)
-    python builder/fetch_models.py --models t2i,edit --cache-dir /runpod-volume/.cache/huggingface/hub
+    # Network volume, from a pod (a pod mounts the volume at /workspace; serverless workers at /runpod-volume, where
+    # the worker looks in <volume>/.cache/huggingface/hub)
+    python builder/fetch_models.py --models t2i,edit-plus,lightning-8step \
+        --cache-dir /workspace/.cache/huggingface/hub
 
 What lands on disk is huggingface_hub's own cache layout, which the worker resolves offline (src/qwen_worker/models.py):
 ``<cache>/models--<org>--<name>/snapshots/<commit>/`` plus ``refs/main`` naming that commit. The cache is
 huggingface_hub's default (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``) unless
 ``--cache-dir`` names the hub cache folder itself (the one that holds the ``models--*`` folders).
 
-Only what ``from_pretrained`` reads is fetched: ``model_index.json`` and, per component, its JSON/text configs,
-tokenizer files and ``*.safetensors`` weights (shards and their index). Pickled or other-framework weights
-(``*.bin``, ``*.pt``, ``*.ckpt``, ``*.onnx``, ``*.msgpack``, ``*.h5``, ``*.gguf``), precision variants
-(``*.fp16.safetensors`` ...: the worker loads the plain files, without ``variant=``), READMEs and images are skipped.
+For a pipeline or model repo, only what ``from_pretrained`` reads is fetched: ``model_index.json`` and, per
+component, its JSON/text configs, tokenizer files and ``*.safetensors`` weights (shards and their index). Pickled or
+other-framework weights (``*.bin``, ``*.pt``, ``*.ckpt``, ``*.onnx``, ``*.msgpack``, ``*.h5``, ``*.gguf``), precision
+variants (``*.fp16.safetensors`` ...: the worker loads the plain files, without ``variant=``), READMEs and images are
+skipped. A single file (``--file``, the Lightning names) is fetched as named and checked to be a safetensors file.
 
 Re-running is cheap and safe: files already in the cache are not fetched again (with huggingface_hub 2.x a re-run
 costs one API call per repo). The unit of resumption is the file: huggingface_hub retries a broken transfer in-process
@@ -51,12 +65,84 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_REPOS = {
-    "t2i": "Qwen/Qwen-Image",
-    "edit": "Qwen/Qwen-Image-Edit",
-    "edit-plus": "Qwen/Qwen-Image-Edit-2509",
-}
-MODEL_CHOICES = tuple(DEFAULT_REPOS)
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing the worker serves, by the name ``--models`` takes.
+
+    ``kind``: "pipeline" (a diffusers folder with model_index.json), "model" (config.json and weights at the root, a
+    ControlNet) or "file" (the ``files`` of a LoRA repo). ``variable`` is the worker setting it fills, and the
+    Dockerfile build argument of the same name bakes it. ``revision`` is None (the repo's main) where no commit has been
+    checked: pinning one we have not seen would fail a build instead of protecting it; ``--revision NAME=REV`` pins.
+    """
+
+    name: str
+    kind: str
+    repo: str
+    variable: str
+    files: tuple[str, ...] = ()
+    revision: str | None = None
+    research_license: bool = False
+
+
+# Where each name comes from (read 2026-12-03; re-check a repo's "Files" page before changing one):
+# - the Qwen/* pipeline ids: Qwen's model cards on huggingface.co, the ids diffusers' QwenImage* docs load;
+# - InstantX/Qwen-Image-ControlNet-Union: diffusers' QwenImageControlNetModel docs (config.json +
+#   diffusion_pytorch_model.safetensors at the root); DiffSynth's ControlNet "patches" are another format, not loadable;
+# - lightx2v/Qwen-Image-Lightning: ModelTC/Qwen-Image-Lightning's README (its release list links each file; 8-step
+#   V1.1 and 4-step V1.0 are the ones its performance report compares; V2.0 files exist beside them, --file fetches
+#   those); the Edit-2509 files sit in the repo's Qwen-Image-Edit-2509/ folder;
+# - lightx2v/Qwen-Image-Edit-2511-Lightning: the repo of the 2511 files (its 8- and 4-step bf16 files).
+LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+LIGHTNING_2511 = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+CATALOGUE: tuple[Entry, ...] = (
+    Entry("t2i", "pipeline", "Qwen/Qwen-Image", "QWEN_IMAGE_MODEL"),
+    Entry("t2i-2512", "pipeline", "Qwen/Qwen-Image-2512", "QWEN_IMAGE_MODEL"),
+    Entry("qwen-image-2.1", "pipeline", "Qwen/Qwen-Image-2.1", "QWEN_IMAGE_MODEL", research_license=True),
+    Entry("edit", "pipeline", "Qwen/Qwen-Image-Edit", "QWEN_IMAGE_EDIT_MODEL"),
+    Entry("edit-plus", "pipeline", "Qwen/Qwen-Image-Edit-2509", "QWEN_IMAGE_EDIT_MODEL"),
+    Entry("edit-plus-2511", "pipeline", "Qwen/Qwen-Image-Edit-2511", "QWEN_IMAGE_EDIT_MODEL"),
+    Entry("layered", "pipeline", "Qwen/Qwen-Image-Layered", "QWEN_IMAGE_LAYERED_MODEL"),
+    Entry("controlnet-union", "model", "InstantX/Qwen-Image-ControlNet-Union", "QWEN_IMAGE_CONTROLNET_MODEL"),
+    Entry("lightning-8step", "file", LIGHTNING, "LIGHTNING_LORA", ("Qwen-Image-Lightning-8steps-V1.1.safetensors",)),
+    Entry(
+        "lightning-4step", "file", LIGHTNING, "LIGHTNING_LORA_4STEP", ("Qwen-Image-Lightning-4steps-V1.0.safetensors",)
+    ),
+    Entry(
+        "lightning-edit-8step", "file", LIGHTNING, "LIGHTNING_EDIT_LORA",
+        ("Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors",),
+    ),
+    Entry(
+        "lightning-edit-4step", "file", LIGHTNING, "LIGHTNING_EDIT_LORA_4STEP",
+        ("Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors",),
+    ),
+    Entry(
+        "lightning-edit-2509-8step", "file", LIGHTNING, "LIGHTNING_EDIT_LORA",
+        ("Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors",),
+    ),
+    Entry(
+        "lightning-edit-2509-4step", "file", LIGHTNING, "LIGHTNING_EDIT_LORA_4STEP",
+        ("Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors",),
+    ),
+    Entry(
+        "lightning-edit-2511-8step", "file", LIGHTNING_2511, "LIGHTNING_EDIT_LORA",
+        ("Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors",),
+    ),
+    Entry(
+        "lightning-edit-2511-4step", "file", LIGHTNING_2511, "LIGHTNING_EDIT_LORA_4STEP",
+        ("Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",),
+    ),
+)
+ENTRIES = {entry.name: entry for entry in CATALOGUE}
+MODEL_CHOICES = tuple(ENTRIES)
+# The three names that had their own --<name>-repo / --revision-<name> options first; they stay.
+DEFAULT_REPOS = {name: ENTRIES[name].repo for name in ("t2i", "edit", "edit-plus")}
+RESEARCH_LICENSE = "Qwen Research License (research and evaluation only, not commercial use)"
+
+
+def setting(entry: Entry) -> str:
+    """What the worker's variable (and the Dockerfile build argument of the same name) is set to for ``entry``."""
+    return f"{entry.repo}:{entry.files[0]}" if entry.kind == "file" else entry.repo
 
 # What a diffusers pipeline folder needs. fnmatch's "*" also matches "/", so "*/x" covers any depth below the root;
 # the root itself only holds model_index.json (plus README/LICENSE/images we do not want).
@@ -136,9 +222,11 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    label: str  # "t2i", "edit", "edit-plus" or "extra"
+    label: str  # a catalogue name, "extra" (--extra-repo) or "file" (--file)
     repo_id: str
     revision: str | None
+    kind: str = "pipeline"  # "pipeline", "model" or "file", as in Entry
+    files: tuple[str, ...] = ()  # kind "file": the files to fetch
 
 
 # --------------------------------------------------------------------------------------------------------- download
@@ -197,6 +285,62 @@ def fetch(
     else:
         verify_model_folder(folder)
     return folder
+
+
+def fetch_files(
+    repo_id: str, files: tuple[str, ...], revision: str | None = None, cache_dir: Path | None = None
+) -> list[Path]:
+    """Download single ``files`` of ``repo_id`` (LoRA files) into the cache, check each is a safetensors file, and
+    return their paths in the snapshot. Raises FetchError naming the repo and file."""
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.is_offline_mode():
+        raise FetchError(OFFLINE_MESSAGE)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    token = _token()
+    print(
+        f"==> {repo_id} @ {revision or 'main'}: {', '.join(files)} into {cache} "
+        f"({'with' if token else 'without'} HF_TOKEN, from {constants.ENDPOINT})",
+        flush=True,
+    )
+    _remove_stale_partials(cache / ("models--" + repo_id.replace("/", "--")))
+    paths = []
+    for filename in files:
+        started = time.monotonic()
+        try:
+            path = Path(
+                hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, token=token or False)
+            )
+        except Exception as err:  # noqa: BLE001 - every failure becomes one operator-facing message
+            raise FetchError(_describe_error(err, repo_id, revision, token) + f" (file {filename})") from None
+        verify_safetensors_file(path, f"{repo_id}:{filename}")
+        print(f"    {filename}: {human_size(path.stat().st_size)} in {time.monotonic() - started:.1f} s", flush=True)
+        paths.append(path)
+    snapshot = paths[0]
+    for _ in Path(files[0]).parts:
+        snapshot = snapshot.parent
+    if revision not in (None, "main"):
+        try:
+            _pin_main(snapshot)
+        except OSError as err:
+            raise FetchError(f"downloaded {repo_id} to {snapshot} but could not write refs/main: {err}") from None
+    print(f"    snapshot {snapshot}: verified OK", flush=True)
+    return paths
+
+
+def verify_safetensors_file(path: Path, what: str) -> None:
+    """A safetensors file starts with an 8-byte little-endian header length and that much JSON: check both, read
+    nothing else (a LoRA saved as a pickle or an HTML error page fails here, not in the worker)."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= 100_000_000 or length + 8 > path.stat().st_size:
+                raise ValueError(f"header length {length} does not fit the file's {path.stat().st_size} bytes")
+            header = json.loads(handle.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError) as err:
+        raise VerificationError(f"{what} is not a safetensors file: {err}") from None
 
 
 def _token() -> str | None:
@@ -492,16 +636,43 @@ def human_size(n: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fetch_models.py",
-        description="Download Qwen-Image pipelines (safetensors only) into a Hugging Face cache and verify them. "
-        "The token comes from the HF_TOKEN environment variable.",
+        description="Download what the Qwen-Image worker serves (safetensors only) into a Hugging Face cache and "
+        "verify it. The token comes from the HF_TOKEN environment variable.",
         epilog="Exit status: 0 ok, 1 download/verification failed, 2 usage error.",
     )
     parser.add_argument(
         "--models",
         default="t2i",
         metavar="LIST",
-        help="comma-separated: t2i, edit, edit-plus, or none to fetch nothing (default: t2i)",
+        help=f"comma-separated names ({', '.join(MODEL_CHOICES)}), or none to fetch nothing (default: t2i); "
+        "--list shows what each is",
     )
+    parser.add_argument(
+        "--list", action="store_true", help="print every name, its repo and the worker variable it fills"
+    )
+    parser.add_argument(
+        "--repo", action="append", default=[], metavar="NAME=REPO", help="another repo for a name (repeatable)"
+    )
+    parser.add_argument(
+        "--revision",
+        action="append",
+        default=[],
+        metavar="NAME=REV",
+        help="branch, tag or commit for a name (repeatable; default: the repo's main)",
+    )
+    parser.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="REPO[@REV]:FILE",
+        help="one file of a repo, e.g. a LoRA (repeatable; the spelling LIGHTNING_LORA takes)",
+    )
+    parser.add_argument(
+        "--accept-research-license",
+        action="store_true",
+        help=f"needed to fetch qwen-image-2.1: the {RESEARCH_LICENSE}",
+    )
+    # The first three names' own options (the Dockerfile and older scripts use them).
     parser.add_argument("--t2i-repo", default=DEFAULT_REPOS["t2i"], metavar="REPO", help="default: %(default)s")
     parser.add_argument("--edit-repo", default=DEFAULT_REPOS["edit"], metavar="REPO", help="default: %(default)s")
     parser.add_argument(
@@ -514,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         metavar="DIR",
-        help="hub cache folder (holds models--*), e.g. /runpod-volume/.cache/huggingface/hub "
+        help="hub cache folder (holds models--*), e.g. /workspace/.cache/huggingface/hub on a pod's network volume "
         "(default: HF_HUB_CACHE, else HF_HOME/hub)",
     )
     parser.add_argument(
@@ -527,6 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def catalogue_table() -> str:
+    """``--list``: each name and the worker variable (= Dockerfile build argument) it fills, with its value."""
+    lines = []
+    for entry in CATALOGUE:
+        note = "  (needs --accept-research-license)" if entry.research_license else ""
+        lines.append(f"{entry.name:<26} {entry.variable}={setting(entry)}{note}")
+    return "\n".join(lines)
+
+
 def plan(args: argparse.Namespace) -> list[Target]:
     """The repos to fetch, in order, from parsed arguments. Raises UsageError."""
     names = [part.strip() for part in args.models.split(",") if part.strip()]
@@ -537,26 +717,76 @@ def plan(args: argparse.Namespace) -> list[Target]:
     unknown = [name for name in names if name not in MODEL_CHOICES]
     if unknown:
         raise UsageError(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(MODEL_CHOICES)}, or none)")
-    repos = {"t2i": args.t2i_repo, "edit": args.edit_repo, "edit-plus": args.edit_plus_repo}
-    revisions = {"t2i": args.revision_t2i, "edit": args.revision_edit, "edit-plus": args.revision_edit_plus}
-    targets = [
-        Target(name, _repo_id(repos[name], f"--{name}-repo"), revisions[name] or None) for name in dict.fromkeys(names)
-    ]
+    repos = {entry.name: entry.repo for entry in CATALOGUE}
+    repos.update({"t2i": args.t2i_repo, "edit": args.edit_repo, "edit-plus": args.edit_plus_repo})
+    repos.update(_named_values(args.repo, "--repo"))
+    revisions: dict[str, str | None] = {entry.name: entry.revision for entry in CATALOGUE}
+    own = {"t2i": args.revision_t2i, "edit": args.revision_edit, "edit-plus": args.revision_edit_plus}
+    revisions.update({name: value for name, value in own.items() if value})
+    revisions.update(_named_values(args.revision, "--revision"))
+
+    targets = []
+    for name in dict.fromkeys(names):
+        entry = ENTRIES[name]
+        option = f"--{name}-repo" if name in DEFAULT_REPOS else f"--repo {name}="
+        targets.append(
+            Target(name, _repo_id(repos[name], option), revisions[name] or None, entry.kind, entry.files)
+        )
+    for spec in args.file:
+        repo, revision, filename = parse_file_spec(spec)
+        targets.append(Target("file", repo, revision, "file", (filename,)))
     for spec in args.extra_repo:
         repo, _, rev = spec.partition("@")
-        targets.append(Target("extra", _repo_id(repo, "--extra-repo"), rev.strip() or None))
+        targets.append(Target("extra", _repo_id(repo, "--extra-repo"), rev.strip() or None, "model"))
+
+    research = {entry.repo for entry in CATALOGUE if entry.research_license}
+    for target in targets:
+        if target.repo_id in research and not args.accept_research_license:
+            raise UsageError(
+                f"{target.repo_id} is under the {RESEARCH_LICENSE}: pass --accept-research-license to fetch it "
+                "(build arg QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=true); the worker serves it only with "
+                "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE=true"
+            )
 
     unique: dict[str, Target] = {}
     for target in targets:
         seen = unique.get(target.repo_id)
         if seen is None:
             unique[target.repo_id] = target
-        elif (seen.revision or "main") != (target.revision or "main"):
+            continue
+        if (seen.revision or "main") != (target.revision or "main"):
             raise UsageError(
                 f"{target.repo_id} is asked for at two revisions ({seen.revision or 'main'} and "
                 f"{target.revision or 'main'}); a cache can pin only one as refs/main"
             )
+        if (seen.kind == "file") != (target.kind == "file"):
+            raise UsageError(f"{target.repo_id} is asked for both whole and as single files; ask for one of them")
+        if target.kind == "file":  # several files of one repo: one download step, one pinned revision
+            files = tuple(dict.fromkeys(seen.files + target.files))
+            unique[target.repo_id] = Target(seen.label, seen.repo_id, seen.revision, "file", files)
     return list(unique.values())
+
+
+def parse_file_spec(spec: str) -> tuple[str, str | None, str]:
+    """``REPO[@REV]:FILE`` -> (repo, revision, file). Raises UsageError."""
+    head, sep, filename = spec.strip().partition(":")
+    repo, _, revision = head.partition("@")
+    filename = filename.strip()
+    parts = filename.split("/")
+    if not sep or not filename or filename.startswith("/") or ".." in parts or "" in parts:
+        raise UsageError(f"--file: {spec!r} is not REPO[@REV]:FILE (a file path inside the repo)")
+    return _repo_id(repo, "--file"), revision.strip() or None, filename
+
+
+def _named_values(values: list[str], option: str) -> dict[str, str]:
+    named = {}
+    for value in values:
+        name, sep, setting_ = value.partition("=")
+        name = name.strip()
+        if not sep or name not in ENTRIES or not setting_.strip():
+            raise UsageError(f"{option}: {value!r} is not NAME=VALUE with NAME one of {', '.join(MODEL_CHOICES)}")
+        named[name] = setting_.strip()
+    return named
 
 
 def _repo_id(value: str, option: str) -> str:
@@ -573,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: 2 on a usage error, 0 for --help
         return int(exit_.code or 0)
+    if args.list:
+        print(catalogue_table())
+        return EXIT_OK
     try:
         targets = plan(args)
     except UsageError as err:
@@ -591,7 +824,10 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for target in targets:
         try:
-            fetch(target.repo_id, target.revision, args.cache_dir, pipeline=target.label != "extra")
+            if target.kind == "file":
+                fetch_files(target.repo_id, target.files, target.revision, args.cache_dir)
+            else:
+                fetch(target.repo_id, target.revision, args.cache_dir, pipeline=target.kind == "pipeline")
         except FetchError as err:
             message = _scrub(f"{target.label} {target.repo_id}: {err}", _token())
             failures.append(message)

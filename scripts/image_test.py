@@ -15,6 +15,16 @@ Dockerfile changes), and Debian's buildah builds it (chroot isolation, as root, 
 - test_input   the slim image's own CMD (``python -u handler.py``: the SDK's local test of ``test_input.json``);
 - checker-none start   the checker-none image's own CMD, the pipeline in a baked-style HF cache (``$HF_HOME/hub``),
                with nothing else set: it must start (SAFETY_CHECKER defaults to off) and complete the job;
+- Hub build    the Dockerfile with its defaults and no build argument, as the Runpod Hub builds it: it bakes the
+               tiny pipeline served as ``Qwen/Qwen-Image`` by the stand-in hub, and the checker;
+- Hub rehearsal  in that image: every ``.runpod/tests.json`` case with that file's env, in one worker, each must be
+               COMPLETED with an image; then each ``hub.json`` preset's env (the env inputs' defaults and static
+               values, the preset's defaults on top, JSON numbers and booleans as their JSON text) far enough to answer
+               a ``dry_run`` per task it configures. The Hub's test endpoint has no cached model; a preset may name one
+               repo the image lacks, which is then mounted as the endpoint's one cached model (Runpod allows one). Input
+               URLs are replaced by a loopback PNG (no network here), and REQUIRE_CUDA=0 (no GPU). Every check is
+               reported; any that fails makes the run fail at the end, after the other stages, naming the file, the
+               case and the worker's error;
 - rebuild      the slim build again after a code-only change: every step before ``COPY src/`` must come from the
                layer cache, and only the code's steps run.
 
@@ -63,6 +73,8 @@ CONTEXT_FILES = (
 )
 # The worker's run-time settings for the tiny models on a CPU: nothing else differs from the image's own ENV.
 RUN_ENV = {"REQUIRE_CUDA": "0", "DEFAULT_STEPS": "2"}
+# An input image the jobs refer to: replaced inside the network namespace by a loopback URL serving a small PNG.
+FIXTURE_IMAGE = "image-test:fixture-image"
 
 timings: list[tuple[str, float]] = []
 
@@ -210,14 +222,18 @@ def standin_base() -> str:
 
 
 def start_hub():
-    """The tiny checker served as CompVis/stable-diffusion-safety-checker at a fixed port (the port is a build arg,
-    so it must not change between runs or the fetch step's cache would never hit)."""
+    """The tiny checker and the tiny Qwen-Image pipeline under their real repo ids (what a build with no build args,
+    the Hub's, fetches), at a fixed port: the port is a build arg, so it must not change between runs or the fetch
+    step's cache would never hit."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_fetch_models import FakeHub, FakeRepo  # the Hub protocol fetch_models.py's tests already serve
 
-    files = {p.name: p.read_bytes() for p in sorted((TINY / "safety-checker").iterdir()) if p.is_file()}
-    commit = hashlib.sha1(b"".join(files[name] for name in sorted(files))).hexdigest()
-    return FakeHub({CHECKER_REPO: FakeRepo(commits={commit: files}, refs={"main": commit})}, port=HUB_PORT)
+    repos = {}
+    for repo, folder in ((CHECKER_REPO, TINY / "safety-checker"), (PIPELINE_REPO, TINY / "qwen-image")):
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        commit = hashlib.sha1(b"".join(name.encode() + files[name] for name in sorted(files))).hexdigest()
+        repos[repo] = FakeRepo(commits={commit: files}, refs={"main": commit})
+    return FakeHub(repos, port=HUB_PORT)
 
 
 # ------------------------------------------------------------------------------------------------------- builds
@@ -287,32 +303,49 @@ def run_cmd(tag: str, mounts: list[str], env: dict[str, str], expect: str) -> st
     return output
 
 
-def serve_and_runsync(tag: str, mounts: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """The slim worker in the SDK's local API mode and one runsync, both inside one empty network namespace.
+def serve_jobs(tag: str, mounts: list[str], env: dict[str, str], jobs: list[dict], label: str) -> dict:
+    """The image's worker in the SDK's local API mode, offline, answering ``jobs`` over /runsync.
 
-    This script re-enters itself under ``unshare --net`` (``--in-netns``), so the client shares the container's
-    loopback and nothing else."""
+    Both run inside one empty network namespace: this script re-enters itself under ``unshare --net``
+    (``--in-netns``), so the client shares the container's loopback and nothing else. Each job is ``{"name", "input",
+    "timeout"}``; an input string equal to FIXTURE_IMAGE is replaced by a loopback URL serving a small PNG (the
+    namespace has no network, and the worker then needs RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true). Returns
+    ``{"start": seconds until it listened, "jobs": [{"name", "status", "error", "seconds"}]}``; each job's answer is
+    reported, not judged."""
     container = container_for(tag, env)
     try:
-        payload = json.loads((ROOT / "test_input.json").read_text())
-        payload["input"]["size"] = "512*512"
-        request = CACHE / "tmp" / "runsync.json"
-        request.write_text(json.dumps({"input": payload["input"]}))
+        request = CACHE / "tmp" / f"jobs-{label}.json"
+        request.write_text(json.dumps(jobs))
         volumes = [arg for mount in mounts for arg in ("-v", mount)]
-        done = sh(*no_network(sys.executable, __file__, "--in-netns", container, str(request), *volumes),
+        done = sh(*no_network(sys.executable, __file__, "--in-netns", container, str(request), label, *volumes),
                   capture=True, check=False, env=ENV, timeout=900)
     finally:
         buildah("rm", container, check=False)
     if done.returncode != 0:
         print((done.stdout + done.stderr)[-8000:])
-        raise SystemExit("image-test: FAILED: slim start / runsync")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["start"], result["runsync"]
+        raise SystemExit(f"image-test: FAILED: {label}: the worker did not start listening")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def in_netns(container: str, request: str, volumes: list[str]) -> int:
-    """(Inside the empty namespace.) Start the API server in the container, wait, POST /runsync, print timings."""
-    log = open(CACHE / "logs" / "api-server.log", "w")  # noqa: SIM115 - the server's stdout until it is stopped
+def serve_and_runsync(tag: str, mounts: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """One text-to-image job on the slim worker, which must come back COMPLETED."""
+    payload = json.loads((ROOT / "test_input.json").read_text())
+    payload["input"]["size"] = "512*512"
+    result = serve_jobs(tag, mounts, env, [{"name": "runsync", "input": payload["input"]}], "slim")
+    (job,) = result["jobs"]
+    if job["status"] != "COMPLETED" or not job["image_url"]:
+        raise SystemExit(f"image-test: FAILED: slim runsync: {job}")
+    return result["start"], job["seconds"]
+
+
+def in_netns(container: str, request: str, label: str, volumes: list[str]) -> int:
+    """(Inside the empty namespace.) Start the API server in the container, wait, send each job, print the results."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.file_server import file_server
+    from support.images import photo_like, to_bytes
+
+    log_path = CACHE / "logs" / f"api-server-{label}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - the server's stdout until it is stopped
     started = time.monotonic()
     server = subprocess.Popen(
         ["buildah", "run", *volumes, container, "--", "python", "handler.py", "--rp_serve_api",
@@ -322,8 +355,7 @@ def in_netns(container: str, request: str, volumes: list[str]) -> int:
     try:
         while True:
             if server.poll() is not None:
-                output = (CACHE / "logs/api-server.log").read_text()[-4000:]
-                raise SystemExit(f"API server exited {server.returncode}: {output}")
+                raise SystemExit(f"API server exited {server.returncode}: {log_path.read_text()[-4000:]}")
             if time.monotonic() - started > 600:
                 raise SystemExit("API server did not listen within 600 s")
             try:
@@ -332,15 +364,28 @@ def in_netns(container: str, request: str, volumes: list[str]) -> int:
             except OSError:
                 time.sleep(0.5)
         start = time.monotonic() - started
-        began = time.monotonic()
-        req = urllib.request.Request(f"http://127.0.0.1:{API_PORT}/runsync", data=Path(request).read_bytes(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as response:
-            body = json.loads(response.read())
-        runsync = time.monotonic() - began
-        if body.get("status") != "COMPLETED" or not body.get("output", {}).get("image_url"):
-            raise SystemExit(f"runsync did not complete: {json.dumps(body)[:2000]}")
-        print(json.dumps({"start": start, "runsync": runsync, "status": body["status"]}))
+        results = []
+        with file_server() as files:
+            fixture = files.add("/input.png", to_bytes(photo_like(128, 96)))
+            for job in json.loads(Path(request).read_text()):
+                payload = with_fixture(job["input"], fixture)
+                began = time.monotonic()
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{API_PORT}/runsync", data=json.dumps({"input": payload}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=min(job.get("timeout", 600_000) / 1000, 600)) as response:
+                    body = json.loads(response.read())
+                output = body.get("output") if isinstance(body.get("output"), dict) else {}
+                results.append({
+                    "name": job["name"],
+                    "status": body.get("status"),
+                    "error": body.get("error") or output.get("error"),
+                    "image_url": bool(output.get("image_url")),
+                    "dry_run": bool(output.get("dry_run")),
+                    "seconds": time.monotonic() - began,
+                })
+        print(json.dumps({"start": start, "jobs": results}))
         return 0
     finally:
         os.killpg(server.pid, 15)  # our own session: the buildah run we started and its child
@@ -350,6 +395,132 @@ def in_netns(container: str, request: str, volumes: list[str]) -> int:
             os.killpg(server.pid, 9)
             server.wait()
         log.close()
+
+
+# --------------------------------------------------------------------------------------------- the Hub rehearsal
+
+
+def hub_env(entries: list[dict]) -> dict[str, str]:
+    """hub.json's ``env``: each static ``value`` and each input's ``default``, as the endpoint would receive them."""
+    env = {}
+    for entry in entries:
+        value = entry["value"] if "value" in entry else entry.get("input", {}).get("default")
+        if value is not None:
+            env[entry["key"]] = env_string(value)
+    return env
+
+
+def env_string(value: object) -> str:
+    """A Hub value as the worker's environment holds it: JSON numbers and booleans become their JSON text."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def rehearsal_env(env: dict[str, str]) -> dict[str, str]:
+    """What the rehearsal adds to an endpoint's env: no GPU here (REQUIRE_CUDA=0 overrides whatever is set), two steps
+    on the tiny pipelines unless the env chooses, and loopback input images (the namespace has no network)."""
+    return {"DEFAULT_STEPS": RUN_ENV["DEFAULT_STEPS"], **env, "REQUIRE_CUDA": "0",
+            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}
+
+
+def offline_input(value: object) -> object:
+    """A test's input with each http(s) URL replaced by the loopback fixture (the real file cannot be fetched here)."""
+    if isinstance(value, dict):
+        return {key: offline_input(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [offline_input(item) for item in value]
+    return FIXTURE_IMAGE if isinstance(value, str) and re.match(r"https?://", value) else value
+
+
+def with_fixture(value: object, url: str) -> object:
+    """(Inside the namespace.) FIXTURE_IMAGE replaced by the loopback URL serving it."""
+    if isinstance(value, dict):
+        return {key: with_fixture(item, url) for key, item in value.items()}
+    if isinstance(value, list):
+        return [with_fixture(item, url) for item in value]
+    return url if value == FIXTURE_IMAGE else value
+
+
+# The worker variables that name a model, and the tiny pipeline standing in for each real repo id.
+MODEL_VARIABLES = (
+    "QWEN_IMAGE_MODEL", "QWEN_IMAGE_EDIT_MODEL", "QWEN_IMAGE_LAYERED_MODEL", "QWEN_IMAGE_CONTROLNET_MODEL",
+)
+TINY_STANDINS = {
+    "Qwen/Qwen-Image": "qwen-image",
+    "Qwen/Qwen-Image-2512": "qwen-image",
+    "Qwen/Qwen-Image-Edit": "qwen-image-edit",
+    "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-plus",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus",
+    "Qwen/Qwen-Image-Layered": "qwen-image-layered",
+    "Qwen/Qwen-Image-2.1": "qwen-image-2.1",
+    "InstantX/Qwen-Image-ControlNet-Union": "qwen-image-controlnet",
+}
+
+
+def cached_model_volume(repo: str) -> Path:
+    """A volume holding ``repo``'s tiny stand-in where Runpod puts an endpoint's cached model."""
+    volume = CACHE / "tmp" / f"cached-model-{repo.replace('/', '--')}"
+    snapshot = volume / "huggingface-cache/hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / ("c" * 40)
+    if not snapshot.is_dir():
+        shutil.copytree(TINY / TINY_STANDINS[repo], snapshot)
+        sh("chmod", "-R", "a+rX", str(volume))
+    return volume
+
+
+def hub_rehearsal(tag: str) -> list[str]:
+    """Every .runpod/tests.json case with its env, and a dry_run per task of each hub.json preset, in the image the
+    Hub builds. Returns one line per check that did not complete, each naming the file, the case and the error."""
+    hub = json.loads((ROOT / ".runpod/hub.json").read_text())
+    tests = json.loads((ROOT / ".runpod/tests.json").read_text())
+    failures: list[str] = []
+
+    def report(source: str, result: dict, want: str) -> None:
+        say(f"STAGE Hub rehearsal, {source}: worker listening after {result['start']:.1f} s")
+        said: set[str] = set()
+        for job in result["jobs"]:
+            ok = job["status"] == "COMPLETED" and job[want]
+            line = f"{source} / {job['name']}: {job['status']} in {job['seconds']:.2f} s"
+            if not ok:
+                error = str(job["error"] or f"no {want} in the output")
+                line += ": " + ("(the same error)" if error in said else error)
+                if "could not start" in error and error not in said:
+                    line += (" [a default build (the Hub's) bakes only Qwen/Qwen-Image and the checker: tests.json "
+                             "may use only those; a preset may add one repo, the endpoint's one cached model]")
+                said.add(error)
+                failures.append(line)
+            say(("   ok  " if ok else "   FAILED  ") + line)
+
+    # The Hub's test endpoint has no cached model (tests.json has no field for one): only what the image holds.
+    env = {entry["key"]: env_string(entry["value"]) for entry in tests["config"].get("env", [])}
+    jobs = [{"name": case["name"], "input": offline_input(case["input"]), "timeout": case.get("timeout", 600_000)}
+            for case in tests["tests"]]
+    started = time.monotonic()
+    report(".runpod/tests.json", serve_jobs(tag, [], rehearsal_env(env), jobs, "hub-tests"), "image_url")
+    timings.append((f"Hub rehearsal: .runpod/tests.json, {len(jobs)} case(s), one worker", time.monotonic() - started))
+
+    base = hub_env(hub["config"].get("env", []))
+    for index, preset in enumerate(hub["config"].get("presets", [])):
+        env = {**base, **{key: env_string(value) for key, value in preset.get("defaults", {}).items()}}
+        # A deployer may add one cached model to an endpoint made from a preset (Runpod allows one per endpoint): a
+        # preset may name one repo the default build lacks, which then comes from Runpod's cached-model folder.
+        wanted = [env[name] for name in MODEL_VARIABLES if env.get(name, "none").lower() not in ("none", "")]
+        missing = [repo for repo in dict.fromkeys(wanted) if repo != PIPELINE_REPO]
+        mounts, label = [], f"hub.json preset {preset['name']!r}"
+        if len(missing) == 1 and missing[0] in TINY_STANDINS:
+            mounts = [f"{cached_model_volume(missing[0])}:/runpod-volume:ro"]
+            label += f" (+ cached model {missing[0]})"
+        jobs = []
+        if env.get("QWEN_IMAGE_MODEL", "Qwen/Qwen-Image").lower() not in ("none", ""):
+            jobs.append({"name": "text-to-image dry_run", "input": {"prompt": "a rehearsal", "dry_run": True}})
+        if env.get("QWEN_IMAGE_EDIT_MODEL", "none").lower() not in ("none", ""):
+            jobs.append({"name": "edit dry_run",
+                         "input": {"prompt": "a rehearsal", "image": FIXTURE_IMAGE, "dry_run": True}})
+        if not jobs:  # a preset serving neither: the worker's answer to a text-to-image dry_run says what it serves
+            jobs.append({"name": "text-to-image dry_run", "input": {"prompt": "a rehearsal", "dry_run": True}})
+        started = time.monotonic()
+        result = serve_jobs(tag, mounts, rehearsal_env(env), jobs, f"hub-preset-{index}")
+        report(label, result, "dry_run")
+        timings.append((f"Hub rehearsal: preset {preset['name']!r} (dry_run)", time.monotonic() - started))
+    return failures
 
 
 # ---------------------------------------------------------------------------------------------- model layouts
@@ -405,25 +576,33 @@ def main() -> int:
 
     hub = start_hub()
     try:
-        slim, none = f"{IMAGE}:slim", f"{IMAGE}:checker-none"
+        slim, none, hub_tag = f"{IMAGE}:slim", f"{IMAGE}:checker-none", f"{IMAGE}:hub"
         started = time.monotonic()
         build(base, slim, {"BAKE_MODELS": "false"})
         stage("build (slim: BAKE_MODELS=false, checker baked)", started)
         started = time.monotonic()
         build(base, none, {"BAKE_MODELS": "false", "SAFETY_CHECKER_MODEL": "none"})
         stage("build (checker-none: SAFETY_CHECKER_MODEL=none)", started)
+        started = time.monotonic()
+        build(base, hub_tag, {})  # the Hub passes no build arguments
+        stage("build (Hub: Dockerfile defaults, no build args; bakes the tiny Qwen/Qwen-Image)", started)
     finally:
         hub.close()
 
-    for tag, checker in ((slim, CHECKER_REPO), (none, "none")):
+    for tag, checker, pipeline in ((slim, CHECKER_REPO, False), (none, "none", False), (hub_tag, CHECKER_REPO, True)):
         env = dict(item.split("=", 1) for item in image_config(tag)["Env"])
         assert env.get("SAFETY_CHECKER_MODEL") == checker, (tag, env.get("SAFETY_CHECKER_MODEL"))
         container = buildah("from", "--pull-never", tag).stdout.strip().splitlines()[-1]
         try:
             mount = Path(buildah("mount", container).stdout.strip())
             assert not (mount / "app/build").exists(), f"{tag}: /app/build left behind"
-            baked = mount / "models/huggingface/hub" / ("models--" + CHECKER_REPO.replace("/", "--"))
+            hub_cache = mount / "models/huggingface/hub"
+            baked = hub_cache / ("models--" + CHECKER_REPO.replace("/", "--"))
             assert baked.is_dir() == (checker != "none"), f"{tag}: checker baked? {baked.is_dir()}"
+            baked = hub_cache / ("models--" + PIPELINE_REPO.replace("/", "--"))
+            assert baked.is_dir() == pipeline, f"{tag}: {PIPELINE_REPO} baked? {baked.is_dir()}"
+            others = sorted(p.name for p in hub_cache.glob("models--*")) if hub_cache.is_dir() else []
+            assert len(others) == (checker != "none") + pipeline, f"{tag}: baked {others}"
         finally:
             buildah("rm", container, check=False)
 
@@ -443,6 +622,10 @@ def main() -> int:
         output = run_cmd(none, [f"{hf_home}:/models/huggingface:ro"], RUN_ENV, "Job local_test completed successfully")
         assert "safety checker disabled by operator" in output, output[-3000:]
         stage("checker-none start (own CMD, defaults; pipeline from a baked HF cache)", started)
+
+    # The Runpod Hub's own path: its build (above), then its tests and presets in that image. Reported here, judged
+    # at the end, so that a fault in the .runpod files does not hide the stages after it.
+    hub_failures = hub_rehearsal(hub_tag)
 
     # A code-only change: the same build, one source file edited; only the code's layers may be rebuilt.
     with tempfile.TemporaryDirectory(dir=CACHE / "tmp") as tmp:
@@ -481,7 +664,7 @@ def main() -> int:
     for layer in reversed(new_ids):
         buildah("rmi", layer, check=False)
 
-    sizes = {tag: buildah("images", "--format", "{{.Size}}", tag).stdout.strip() for tag in (slim, none)}
+    sizes = {tag: buildah("images", "--format", "{{.Size}}", tag).stdout.strip() for tag in (slim, none, hub_tag)}
     print()
     print("image-test summary")
     for name, seconds in timings:
@@ -490,6 +673,14 @@ def main() -> int:
     for tag, size in sizes.items():
         print(f"  image {tag}: {size}")
     print("  not proven here: the nvidia/cuda base image itself (a Debian stand-in was used) and anything on a GPU")
+    if hub_failures:
+        print()
+        print(f"Hub rehearsal: {len(hub_failures)} check(s) did not complete in the image the Hub builds:")
+        for line in hub_failures:
+            print(f"  - {line}")
+        print("image-test: FAILED: the Runpod Hub's tests or presets would fail (fix .runpod/hub.json / tests.json, "
+              "or what they need from the image)")
+        return 1
     return 0
 
 
@@ -498,5 +689,5 @@ ENV: dict[str, str] = {}
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--in-netns":
         ENV = dict(os.environ)  # the parent's buildah settings, inherited
-        sys.exit(in_netns(sys.argv[2], sys.argv[3], sys.argv[4:]))
+        sys.exit(in_netns(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]))
     sys.exit(main())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_worker.config import MAX_PRESIGN_TTL_SECONDS, Settings
+from qwen_worker.config import MAX_PRESIGN_TTL_SECONDS, VARIABLES, Settings
 from qwen_worker.errors import ConfigError
 from qwen_worker.profiles import PROFILES, request_rules
 
@@ -121,3 +121,69 @@ def test_region_derived_from_endpoint(endpoint, region):
 def test_baked_cache_follows_huggingface_variables():
     assert Settings.from_env({"HF_HOME": "/models/hf"}).hf_hub_cache == Path("/models/hf/hub")
     assert Settings.from_env({"HF_HOME": "/x", "HF_HUB_CACHE": "/y"}).hf_hub_cache == Path("/y")
+
+
+# ------------------------------------------------ forgiving where Runpod is loose (Hub presets deliver JSON as text)
+
+
+@pytest.mark.parametrize("text", ["50", "50.0", " 50 ", "\t50.0\n", "5e1", "50.000"])
+def test_an_integer_takes_an_integral_number_and_surrounding_spaces(text):
+    assert Settings.from_env({"DEFAULT_STEPS": text}).default_steps == 50
+    assert Settings.from_env({"LORA_SLOT_RANK": text}).lora_slot_rank == 50
+
+
+@pytest.mark.parametrize("text", ["50.5", "1e400", "inf", "nan", "fifty", "50,0", "0x32"])
+def test_an_integer_refuses_a_fraction_or_a_word_naming_the_variable(text):
+    with pytest.raises(ConfigError, match=rf"^DEFAULT_STEPS must be an integer, got {text!r}"):
+        Settings.from_env({"DEFAULT_STEPS": text})
+
+
+def test_an_integral_number_out_of_range_says_the_range():
+    with pytest.raises(ConfigError, match="DEFAULT_STEPS must be between 1 and 100, got 500"):
+        Settings.from_env({"DEFAULT_STEPS": "500.0"})
+
+
+@pytest.mark.parametrize("text", ["true", "True", "TRUE", "1", "yes", "Yes", "on", "ON", " true "])
+def test_a_boolean_takes_true_in_any_documented_spelling(text):
+    assert Settings.from_env({"SAFETY_CHECK_INPUTS": text}).safety_check_inputs is True
+    assert Settings.from_env({"QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": text}).accept_research_license is True
+
+
+@pytest.mark.parametrize("text", ["false", "False", "FALSE", "0", "no", "NO", "off", "Off", " false "])
+def test_a_boolean_takes_false_in_any_documented_spelling(text):
+    assert Settings.from_env({"SHARE_COMPONENTS": text}).share_components is False  # default true
+    assert Settings.from_env({"REQUIRE_CUDA": text}).require_cuda is False
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", "1.0", "y", "enabled"])
+def test_a_boolean_refuses_anything_else_naming_the_variable(text):
+    with pytest.raises(ConfigError, match=rf"^SHARE_COMPONENTS must be true or false \(.*\), got {text!r}"):
+        Settings.from_env({"SHARE_COMPONENTS": text})
+
+
+def test_an_empty_value_means_unset_whatever_the_type():
+    """A Hub input left empty arrives as an empty string: every variable then takes its default (a boolean whose
+    default is true stays true; a model variable set empty switches its pipeline off, as `none` does)."""
+    empty = {var.name: "  " for var in VARIABLES if var.read_by == "worker" and var.kind != "model"}
+    assert Settings.from_env(empty) == Settings()
+    assert Settings.from_env({"SHARE_COMPONENTS": ""}).share_components is True
+
+
+def test_numbers_and_choices_are_read_loosely_but_exactly():
+    settings = Settings.from_env(
+        {"DEFAULT_TRUE_CFG_SCALE": " 2.5 ", "PRICE_PER_MEGAPIXEL": "1", "RUNPOD_LOG_LEVEL": " debug ",
+         "TRANSFORMER_QUANT": "INT8", "UPLOAD_FALLBACK": "Inline"}
+    )
+    assert (settings.default_true_cfg_scale, settings.price_per_megapixel) == (2.5, 1.0)
+    assert (settings.runpod_log_level, settings.acceleration.quant, settings.upload_fallback_inline) == (
+        "DEBUG", "int8", True)
+
+
+def test_every_row_refuses_garbage_naming_itself():
+    """Every typed row refuses a value of the wrong type with its own name in the message."""
+    garbage = {"boolean": "maybe", "integer": "12.5", "number": "twelve", "choice": "nonsense", "sizes": "big",
+               "step_cache": "warp"}
+    for var in VARIABLES:
+        if var.read_by == "worker" and var.kind in garbage:
+            with pytest.raises(ConfigError, match=rf"^{var.name}\b"):
+                var.parse(garbage[var.kind])

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from qwen_worker import schema
-from qwen_worker.config import Settings
+from qwen_worker.config import VARIABLES, Settings, readme_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 # Read by the runpod SDK itself, not by the worker's config; documented because operators and tests set them.
-READ_BY_THE_SDK = {"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"}
+READ_BY_THE_SDK = {var.name for var in VARIABLES if var.read_by == "sdk"}
 
 
 def table_after(heading: str) -> list[list[str]]:
@@ -92,3 +92,20 @@ def test_environment_table_names_every_variable_the_config_reads_and_nothing_els
     assert "DEFAULT_STEPS" in read and "BUCKET_REGION" in read  # the recording sees reads
     assert read - documented == set(), "read by config.py but missing from the README's table"
     assert documented - read - READ_BY_THE_SDK == set(), "in the README's table but read by nobody"
+
+
+def test_environment_table_is_the_one_table_of_settings_in_every_column():
+    """The README's table is rendered from config.VARIABLES: name, default, values (type, range, choices) and doc.
+    Regenerate it with `make env-table` (scripts/env_table.py --write)."""
+    lines = README.read_text().splitlines()
+    start = lines.index("## Environment variables")
+    first = next(index for index in range(start, len(lines)) if lines[index].startswith("|"))
+    end = next(index for index in range(first, len(lines)) if not lines[index].startswith("|"))
+    assert "\n".join(lines[first:end]) + "\n" == readme_table(), "run `make env-table` (scripts/env_table.py --write)"
+    rows = table_after("## Environment variables")
+    assert [row[0] for row in rows] == [f"`{var.name}`" for var in VARIABLES]
+
+
+def test_every_variable_read_is_a_row_and_every_row_is_read():
+    """from_env reads exactly the table's worker-read rows: no variable read outside the table."""
+    assert variables_read() == {var.name for var in VARIABLES if var.read_by == "worker"}

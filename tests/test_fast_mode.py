@@ -180,6 +180,30 @@ def test_a_lightning_file_for_another_model_stops_the_worker(tiny_models, tmp_pa
         worker_with(tiny_models, LIGHTNING_LORA=str(wrong))
 
 
+LIGHTNING_8STEP = "lightx2v/Qwen-Image-Lightning:Qwen-Image-Lightning-8steps-V1.1.safetensors"
+
+
+def test_lightning_named_as_a_repo_file_is_found_offline_on_the_volume(tiny_models, files, tmp_path):
+    """LIGHTNING_LORA=org/name:file, as builder/fetch_models.py --models lightning-8step leaves it on a volume: found
+    in the volume's Hugging Face cache and applied; a name found nowhere stops the worker naming the variable."""
+    volume = tmp_path / "vol"
+    repo = volume / ".cache/huggingface/hub/models--lightx2v--Qwen-Image-Lightning"
+    snapshot = repo / "snapshots" / ("e" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(files["eight"], snapshot / "Qwen-Image-Lightning-8steps-V1.1.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("e" * 40)
+
+    worker = worker_with(tiny_models, LIGHTNING_LORA=LIGHTNING_8STEP, RUNPOD_VOLUME_PATH=str(volume))
+    loaded = worker.runner.pipeline_for(Task.TEXT_TO_IMAGE)
+    assert loaded.lightning.eight_step == snapshot / "Qwen-Image-Lightning-8steps-V1.1.safetensors"
+    assert len(loaded.fast.copies) == 1  # the resident Lightning copy, as with a local path
+
+    missing = LIGHTNING_8STEP.replace("8steps-V1.1", "4steps-V1.0")
+    with pytest.raises(ConfigError, match=r"LIGHTNING_LORA_4STEP.*not found.*fetch_models\.py --file"):
+        worker_with(tiny_models, LIGHTNING_LORA_4STEP=missing, RUNPOD_VOLUME_PATH=str(volume))
+
+
 @pytest.mark.slow
 def test_compiled_plain_and_fast_jobs_switch_without_recompiling(tiny_models, files):
     """COMPILE=regional: the plain transformer and the Lightning copy are each compiled and warmed at start-up, so

@@ -139,6 +139,25 @@ PLAIN_MODEL = {
 }
 
 
+# The Lightning repo as lightx2v publishes it: LoRA files at the root and in a folder, plus what we must not fetch.
+LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
+SHA_LIGHTNING = hashlib.sha1(b"commit lightning").hexdigest()
+LIGHTNING_FILES = {
+    "Qwen-Image-Lightning-8steps-V1.1.safetensors": _weights(7, "transformer_blocks.0.attn.to_q.lora_down.weight"),
+    "Qwen-Image-Lightning-4steps-V1.0.safetensors": _weights(8, "transformer_blocks.0.attn.to_q.lora_down.weight"),
+    "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors": _weights(9, "x.lora_A.weight"),
+    "Qwen-Image-Lightning-8steps-V2.0.safetensors": _weights(10, "y.lora_down.weight"),
+    "broken.safetensors": b"<html>not a safetensors file</html>",
+    "README.md": b"# Lightning\n",
+}
+# A ControlNet repo: config.json and the weights at the root (diffusers' QwenImageControlNetModel layout).
+CONTROLNET = {
+    "config.json": b'{"_class_name": "QwenImageControlNetModel"}',
+    "diffusion_pytorch_model.safetensors": _weights(11, "controlnet_blocks.0.weight", size=16),
+    "README.md": b"# union\n",
+}
+
+
 # ------------------------------------------------------------------------------------------------- stand-in hub
 
 
@@ -395,6 +414,12 @@ def hub():
             "Qwen/Broken-Image": FakeRepo({SHA_BROKEN: broken}, {"main": SHA_BROKEN}),
             "Qwen/Private": FakeRepo({SHA_MAIN: main}, {"main": SHA_MAIN}, private=True),
             "CompVis/safety-checker": FakeRepo({SHA_PLAIN: PLAIN_MODEL}, {"main": SHA_PLAIN}),
+            # What the catalogue names, under the real ids (the files are stand-ins of the right kind).
+            LIGHTNING_REPO: FakeRepo(
+                {SHA_LIGHTNING: LIGHTNING_FILES, SHA_V1: LIGHTNING_FILES}, {"main": SHA_LIGHTNING, "v1": SHA_V1}
+            ),
+            "InstantX/Qwen-Image-ControlNet-Union": FakeRepo({SHA_PLAIN: CONTROLNET}, {"main": SHA_PLAIN}),
+            "Qwen/Qwen-Image-2.1": FakeRepo({SHA_MAIN: main}, {"main": SHA_MAIN}),
         }
     )
     yield server
@@ -690,3 +715,150 @@ def test_stale_partial_downloads_are_removed(fetch_models, tmp_path):
     os.utime(stale, (two_hours_ago, two_hours_ago))
     fetch_models._remove_stale_partials(tmp_path / "models--Qwen--Qwen-Image")
     assert not stale.exists() and live.exists()
+
+
+# ------------------------------------------------------------------------ the catalogue: every model the worker serves
+
+
+def test_lightning_names_fetch_their_exact_files_onto_a_volume_the_worker_reads(run_fetch, tmp_path):
+    """The 8- and 4-step names fetch those two files and nothing else of the repo, into a volume's cache, where the
+    worker's LIGHTNING_LORA spelling (org/name:file) and a job's loras[].path both find them offline."""
+    import fetch_models
+
+    volume = tmp_path / "vol"
+    cache = volume / ".cache/huggingface/hub"
+    names = "lightning-8step,lightning-4step"
+    run = run_fetch("--models", names, "--cache-dir", str(cache), hf_home=tmp_path / "hf")
+    assert run.returncode == 0, run.output
+    wanted = {"Qwen-Image-Lightning-8steps-V1.1.safetensors", "Qwen-Image-Lightning-4steps-V1.0.safetensors"}
+    # hf_hub_download asks for /resolve/<revision>/<file>: every file asked for, whatever the revision spelling.
+    fetched = {seen.path.split("/resolve/", 1)[1].split("/", 1)[1] for seen in run.requests if "/resolve/" in seen.path}
+    assert fetched == wanted
+    snapshot = repo_dir(cache, LIGHTNING_REPO) / "snapshots" / SHA_LIGHTNING
+    assert files_in(snapshot) == wanted
+    assert (snapshot / "Qwen-Image-Lightning-4steps-V1.0.safetensors").read_bytes() == LIGHTNING_FILES[
+        "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+    ]
+    assert "verified OK" in run.stdout
+
+    from qwen_worker.loras import LoraStore
+    from qwen_worker.models import resolve_repo_file
+    from qwen_worker.schema import LoraRequest
+
+    for name in ("lightning-8step", "lightning-4step"):
+        spec = fetch_models.setting(fetch_models.ENTRIES[name])
+        found = resolve_repo_file(spec, volume_path=volume, baked_cache=tmp_path / "baked", what="LoRA")
+        assert found == snapshot / fetch_models.ENTRIES[name].files[0]
+    store = LoraStore(tmp_path / "lora-cache", 10**9, 10**9, volume, 5.0, baked_cache=tmp_path / "baked")
+    spec = fetch_models.setting(fetch_models.ENTRIES["lightning-8step"])
+    resolved = store.resolve(LoraRequest(spec, 1.0), "loras[0]")
+    assert resolved == snapshot / "Qwen-Image-Lightning-8steps-V1.1.safetensors"
+
+
+def test_a_file_in_a_folder_at_a_pinned_revision_and_a_file_that_is_not_safetensors(run_fetch, tmp_path):
+    import fetch_models
+
+    cache = tmp_path / "cache"
+    name = "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
+    assert fetch_models.ENTRIES["lightning-edit-2509-8step"].files == (name,)
+    run = run_fetch("--models", "lightning-edit-2509-8step", "--revision", "lightning-edit-2509-8step=v1",
+                    "--cache-dir", str(cache), hf_home=tmp_path / "hf")
+    assert run.returncode == 0, run.output
+    repo = repo_dir(cache, LIGHTNING_REPO)
+    assert (repo / "refs" / "main").read_text().strip() == SHA_V1  # the worker reads refs/main: the pinned one
+    assert files_in(repo / "snapshots" / SHA_V1) == {name}
+
+    broken = run_fetch("--file", f"{LIGHTNING_REPO}:broken.safetensors", "--cache-dir", str(cache), hf_home=tmp_path)
+    assert broken.returncode == 1 and "broken.safetensors is not a safetensors file" in broken.stderr, broken.output
+    missing = run_fetch("--file", f"{LIGHTNING_REPO}:nope.safetensors", "--cache-dir", str(cache), hf_home=tmp_path)
+    assert missing.returncode == 1 and "nope.safetensors" in missing.stderr, missing.output
+
+
+def test_controlnet_union_by_name_is_a_root_level_model(run_fetch, tmp_path):
+    run = run_fetch("--models", "controlnet-union", hf_home=tmp_path / "hf")
+    assert run.returncode == 0, run.output
+    snapshot = repo_dir(tmp_path / "hf" / "hub", "InstantX/Qwen-Image-ControlNet-Union") / "snapshots" / SHA_PLAIN
+    assert files_in(snapshot) == {"config.json", "diffusion_pytorch_model.safetensors"}
+
+    from qwen_worker.models import resolve_folder
+
+    found = resolve_folder("InstantX/Qwen-Image-ControlNet-Union", volume_path=tmp_path / "vol",
+                           baked_cache=tmp_path / "hf" / "hub", required_file="config.json", what="ControlNet")
+    assert found.path == snapshot
+
+
+def test_qwen_image_2_1_needs_the_research_licence_flag(run_fetch, tmp_path):
+    refused = run_fetch("--models", "qwen-image-2.1", hf_home=tmp_path / "hf")
+    assert refused.returncode == 2 and refused.requests == [], refused.output
+    assert "Qwen Research License" in refused.stderr and "--accept-research-license" in refused.stderr
+    # The licence follows the repo, whatever name asks for it (the Dockerfile passes --t2i-repo).
+    renamed = run_fetch("--t2i-repo", "Qwen/Qwen-Image-2.1", hf_home=tmp_path / "hf")
+    assert renamed.returncode == 2 and renamed.requests == [], renamed.output
+
+    accepted = run_fetch("--models", "qwen-image-2.1", "--accept-research-license", hf_home=tmp_path / "hf")
+    assert accepted.returncode == 0, accepted.output
+    assert files_in(repo_dir(tmp_path / "hf" / "hub", "Qwen/Qwen-Image-2.1") / "snapshots" / SHA_MAIN) == WANTED
+
+
+def test_the_catalogue_names_every_model_once_with_its_worker_variable(fetch_models):
+    names = [entry.name for entry in fetch_models.CATALOGUE]
+    assert len(names) == len(set(names))
+    variables = {entry.variable for entry in fetch_models.CATALOGUE}
+    assert variables == {
+        "QWEN_IMAGE_MODEL", "QWEN_IMAGE_EDIT_MODEL", "QWEN_IMAGE_LAYERED_MODEL", "QWEN_IMAGE_CONTROLNET_MODEL",
+        "LIGHTNING_LORA", "LIGHTNING_LORA_4STEP", "LIGHTNING_EDIT_LORA", "LIGHTNING_EDIT_LORA_4STEP",
+    }
+    from qwen_worker.models import parse_repo_file
+
+    for entry in fetch_models.CATALOGUE:
+        if entry.kind == "file":  # the worker reads the same spelling the catalogue writes
+            assert parse_repo_file(fetch_models.setting(entry)) == (entry.repo, entry.files[0])
+            assert entry.files[0].endswith(".safetensors")
+    assert [e.name for e in fetch_models.CATALOGUE if e.research_license] == ["qwen-image-2.1"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--file", "lightx2v/Qwen-Image-Lightning"],  # no file
+        ["--file", "lightx2v/Qwen-Image-Lightning:../x.safetensors"],
+        ["--repo", "bogus=Org/Repo"],
+        ["--revision", "t2i"],
+        ["--models", "lightning-8step", "--file", f"{LIGHTNING_REPO}@v1:Qwen-Image-Lightning-4steps-V1.0.safetensors"],
+    ],
+)
+def test_catalogue_usage_errors_exit_2(fetch_models, argv, capsys):
+    assert fetch_models.main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_files_of_one_repo_are_fetched_together(fetch_models):
+    parser = fetch_models.build_parser()
+    names = "lightning-8step,lightning-4step,t2i"
+    args = parser.parse_args(["--models", names, "--file", f"{LIGHTNING_REPO}:a.safetensors"])
+    targets = fetch_models.plan(args)
+    assert [(t.repo_id, t.kind, t.files) for t in targets] == [
+        (LIGHTNING_REPO, "file", (
+            "Qwen-Image-Lightning-8steps-V1.1.safetensors", "Qwen-Image-Lightning-4steps-V1.0.safetensors",
+            "a.safetensors",
+        )),
+        (REPO, "pipeline", ()),
+    ]
+
+
+def test_every_model_in_the_readme_table_names_its_fetch_name_and_build_arg(fetch_models):
+    """The README's Models table: each row's repos are in the catalogue, and the row names, for each, the
+    ``--models`` name that fetches it and the build argument (= worker variable) that bakes it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Models"):].split("\n\n")[2]
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ")]  # "|---" is not "| "
+    assert "fetch_models.py --models" in header.split(" | ")[-1] and rows
+    covered = set()
+    for row in rows:
+        weights = row.split(" | ")[-1]
+        named = [entry for entry in fetch_models.CATALOGUE if f"`{entry.name}`" in weights]
+        assert named, f"no fetch_models name in: {row}"
+        for entry in named:
+            assert entry.variable in weights, f"{entry.name}: build arg {entry.variable} missing in: {row}"
+            covered.add(entry.name)
+    assert covered == set(fetch_models.MODEL_CHOICES), set(fetch_models.MODEL_CHOICES) - covered

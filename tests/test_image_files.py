@@ -139,7 +139,9 @@ def test_tests_json_shape():
     tests = load_json("tests.json")
     names = [test["name"] for test in tests["tests"]]
     assert len(names) == len(set(names)) == 2
-    assert any("image" in test["input"] for test in tests["tests"])
+    # Both text-to-image: the Hub's build bakes only Qwen/Qwen-Image and its tests cannot name a cached model, so an
+    # edit test could not start there (tests/test_hub_files.py holds that rule).
+    assert all("prompt" in test["input"] and "image" not in test["input"] for test in tests["tests"])
     assert tests["config"]["gpuCount"] == 1
 
 
@@ -192,38 +194,102 @@ def image_env(build_args: dict[str, str]) -> dict[str, str]:
 DEFAULT_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
-@pytest.mark.parametrize("bake", ["true", "false"])
-@pytest.mark.parametrize("checker", [DEFAULT_CHECKER, "none"])
-def test_fetch_step_succeeds_for_every_bake_choice_and_always_bakes_the_checker(bake, checker, tmp_path):
-    """The fetch RUN step's own shell text, with a stub python recording what it is asked to fetch.
+def run_fetch_step(tmp_path: Path, **build_args: str) -> list[str]:
+    """The fetch RUN step's own shell text, with a stub python recording the arguments fetch_models.py gets.
 
-    A slim build (BAKE_MODELS=false) fetches no pipeline but still bakes the checker, unless it is "none"; whatever is
-    baked, /models exists afterwards (the step's chmod used to fail on a build that bakes nothing)."""
+    Only the build args given are set (as in a build that leaves the others at their defaults, which the step's
+    ``${VAR:-default}`` supplies); /models must exist afterwards whatever is baked."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_ARGS"\n')
     (stub / "python").chmod(0o755)
     models = tmp_path / "models"
     script = run_step("fetch_models.py").replace("/models", str(models))
-    env = {
-        "PATH": f"{stub}:/usr/bin:/bin",
-        "STUB_ARGS": str(tmp_path / "args"),
-        "QWEN_IMAGE_MODEL": "Qwen/Qwen-Image",
-        "QWEN_IMAGE_EDIT_MODEL": "none",
-        "QWEN_IMAGE_REVISION": "main",
-        "QWEN_IMAGE_EDIT_REVISION": "main",
-        "BAKE_MODELS": bake,
-        "SAFETY_CHECKER_MODEL": checker,
-    }
+    env = {"PATH": f"{stub}:/usr/bin:/bin", "STUB_ARGS": str(tmp_path / "args"), **build_args}
     done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert models.is_dir()
-    args = (tmp_path / "args").read_text().split("\n")
+    script_path, *args = (tmp_path / "args").read_text().split("\n")[:-1]
+    assert script_path == "builder/fetch_models.py"
+    return args
+
+
+BASE_ARGS = {
+    "QWEN_IMAGE_MODEL": "Qwen/Qwen-Image",
+    "QWEN_IMAGE_EDIT_MODEL": "none",
+    "QWEN_IMAGE_REVISION": "main",
+    "QWEN_IMAGE_EDIT_REVISION": "main",
+}
+
+
+@pytest.mark.parametrize("bake", ["true", "false"])
+@pytest.mark.parametrize("checker", [DEFAULT_CHECKER, "none"])
+def test_fetch_step_succeeds_for_every_bake_choice_and_always_bakes_the_checker(bake, checker, tmp_path):
+    """A slim build (BAKE_MODELS=false) fetches no pipeline but still bakes the checker, unless it is "none"; whatever
+    is baked, /models exists afterwards (the step's chmod used to fail on a build that bakes nothing)."""
+    args = run_fetch_step(tmp_path, **BASE_ARGS, BAKE_MODELS=bake, SAFETY_CHECKER_MODEL=checker)
     assert args[args.index("--models") + 1] == ("t2i" if bake == "true" else "none")
     if checker == "none":
         assert "--extra-repo" not in args
     else:
         assert args[args.index("--extra-repo") + 1] == checker
+
+
+def test_every_model_has_a_build_arg_that_bakes_it_and_the_image_serves_it(tmp_path):
+    """One build arg per worker variable, named like it: the fetch step turns each into what fetch_models.py fetches
+    (the same targets its catalogue names), and the image's environment serves exactly that."""
+    import fetch_models  # builder/fetch_models.py
+
+    from qwen_worker.config import Settings
+
+    chosen = {
+        name: fetch_models.setting(fetch_models.ENTRIES[entry])
+        for name, entry in (
+            ("QWEN_IMAGE_MODEL", "qwen-image-2.1"),
+            ("QWEN_IMAGE_EDIT_MODEL", "edit-plus-2511"),
+            ("QWEN_IMAGE_LAYERED_MODEL", "layered"),
+            ("QWEN_IMAGE_CONTROLNET_MODEL", "controlnet-union"),
+            ("LIGHTNING_LORA", "lightning-8step"),
+            ("LIGHTNING_LORA_4STEP", "lightning-4step"),
+            ("LIGHTNING_EDIT_LORA", "lightning-edit-2511-8step"),
+            ("LIGHTNING_EDIT_LORA_4STEP", "lightning-edit-2511-4step"),
+        )
+    }
+    build_args = {**BASE_ARGS, **chosen, "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "true", "BAKE_MODELS": "true",
+                  "SAFETY_CHECKER_MODEL": DEFAULT_CHECKER}
+    args = run_fetch_step(tmp_path, **build_args)
+    targets = fetch_models.plan(fetch_models.build_parser().parse_args(args))
+    fetched = {(t.repo_id, file) for t in targets for file in (t.files or ("",))}
+    expected = {tuple(value.split(":")) if ":" in value else (value, "") for value in chosen.values()}
+    assert fetched == expected | {(DEFAULT_CHECKER, "")}
+
+    env = image_env(build_args)
+    assert {name: env[name] for name in chosen} == chosen
+    settings = Settings.from_env(env)
+    assert settings.accept_research_license and settings.layered_model == chosen["QWEN_IMAGE_LAYERED_MODEL"]
+    assert str(settings.lightning_edit_lora_4step) == chosen["LIGHTNING_EDIT_LORA_4STEP"]
+
+    # Without the licence arg the build stops at the fetch step, before downloading anything.
+    (tmp_path / "refused").mkdir()
+    args = run_fetch_step(tmp_path / "refused", **{**build_args, "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE": "false"})
+    with pytest.raises(fetch_models.UsageError, match="Research License"):
+        fetch_models.plan(fetch_models.build_parser().parse_args(args))
+
+
+def test_a_default_build_bakes_qwen_image_and_the_checker_only(tmp_path):
+    """What the Runpod Hub builds (no build args): Qwen/Qwen-Image and the checker, no other model, no Lightning."""
+    import fetch_models  # builder/fetch_models.py
+
+    defaults = {}
+    for word, args in instructions():
+        if word == "ARG":
+            name, _, value = args.partition("=")
+            defaults[name] = value
+    args = run_fetch_step(tmp_path, **defaults)
+    targets = fetch_models.plan(fetch_models.build_parser().parse_args(args))
+    assert [(t.repo_id, t.kind) for t in targets] == [("Qwen/Qwen-Image", "pipeline"), (DEFAULT_CHECKER, "model")]
+    env = image_env({})
+    assert env["QWEN_IMAGE_EDIT_MODEL"] == "none" and env["LIGHTNING_LORA"] == ""
 
 
 @pytest.mark.parametrize("checker", [DEFAULT_CHECKER, "Org/other-checker", "none"])

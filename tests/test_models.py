@@ -139,3 +139,81 @@ def test_resolved_model_is_a_resolved_folder_with_its_class(tmp_path):
     resolved = resolve_model(str(folder), volume_path=tmp_path / "vol", baked_cache=None)
     assert isinstance(resolved, ResolvedFolder)
     assert resolved == ResolvedModel(str(folder), folder, None, "local folder", "QwenImagePipeline")
+
+
+# ------------------------------------------------------------------------- one file of a repo: "org/name:path/file"
+
+LIGHTNING_SPEC = "lightx2v/Qwen-Image-Lightning:Qwen-Image-Lightning-8steps-V1.1.safetensors"
+
+
+def cached_file(cache: Path, repo: str, filename: str, revision: str, *, with_ref: bool = True) -> Path:
+    """``filename`` in huggingface_hub's layout: the bytes in blobs/, the snapshot entry a link to them."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    blob = repo_dir / "blobs" / f"blob-{revision}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(b"lora bytes " + revision.encode())
+    entry = repo_dir / "snapshots" / revision / filename
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.symlink_to("../" * (len(Path(filename).parts) + 1) + f"blobs/{blob.name}")
+    if with_ref:
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(revision)
+    return entry
+
+
+def test_repo_file_is_found_in_each_cache_in_the_models_order(tmp_path):
+    from qwen_worker.models import resolve_repo_file
+
+    volume, baked = tmp_path / "vol", tmp_path / "baked"
+    repo, filename = LIGHTNING_SPEC.split(":")
+    in_baked = cached_file(baked, repo, filename, "c" * 40)
+    find = lambda: resolve_repo_file(LIGHTNING_SPEC, volume_path=volume, baked_cache=baked, what="LoRA")  # noqa: E731
+    assert find() == in_baked and find().read_bytes() == b"lora bytes " + b"c" * 40
+    # A volume filled by fetch_models --cache-dir <volume>/.cache/huggingface/hub comes before the image's cache...
+    in_volume = cached_file(volume / ".cache/huggingface/hub", repo, filename, "b" * 40)
+    assert find() == in_volume
+    # ...and Runpod's cached-model folder before both; without refs/main its only snapshot is the one (as for models).
+    in_runpod = cached_file(volume / "huggingface-cache/hub", repo, filename, "a" * 40, with_ref=False)
+    assert find() == in_runpod
+
+
+def test_repo_file_in_a_subfolder_and_at_the_pinned_revision(tmp_path):
+    from qwen_worker.models import resolve_repo_file
+
+    name = "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
+    cache = tmp_path / "baked"
+    cached_file(cache, "lightx2v/Qwen-Image-Lightning", name, "1" * 40, with_ref=False)
+    pinned = cached_file(cache, "lightx2v/Qwen-Image-Lightning", name, "2" * 40)  # refs/main names this one
+    found = resolve_repo_file(
+        f"lightx2v/Qwen-Image-Lightning:{name}", volume_path=tmp_path / "vol", baked_cache=cache, what="LoRA"
+    )
+    assert found == pinned
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (LIGHTNING_SPEC, ["was not found", "runpod model cache", "network volume cache", "image cache",
+                          f"fetch_models.py --file {LIGHTNING_SPEC}"]),
+        ("lightx2v/Qwen-Image-Lightning:../../../etc/passwd", ["lightx2v/Qwen-Image-Lightning:../../../etc/passwd"]),
+    ],
+    ids=["missing", "escape"],
+)
+def test_repo_file_not_found_or_escaping_is_a_config_error(tmp_path, spec, words):
+    from qwen_worker.models import resolve_repo_file
+
+    repo, filename = LIGHTNING_SPEC.split(":")
+    cached_file(tmp_path / "baked", repo, "other.safetensors", "d" * 40)  # the repo is there, the file is not
+    with pytest.raises(ConfigError) as caught:
+        resolve_repo_file(spec, volume_path=tmp_path / "vol", baked_cache=tmp_path / "baked", what="LoRA")
+    for word in words:
+        assert word in str(caught.value), str(caught.value)
+
+
+def test_repo_file_spelling():
+    from qwen_worker.models import parse_repo_file
+
+    assert parse_repo_file(LIGHTNING_SPEC) == tuple(LIGHTNING_SPEC.split(":"))
+    others = ("loras/style.safetensors", "/abs/file.safetensors", "https://x.org/a.safetensors", "a:b", "a/b/c:d")
+    for not_one in others:
+        assert parse_repo_file(not_one) is None, not_one

@@ -69,6 +69,19 @@ def test_a_bad_variable_value(monkeypatch, tmp_path, tiny_models):
     assert "DEFAULT_STEPS must be an integer" in message
 
 
+@pytest.mark.parametrize(
+    "name, value, rule",
+    [
+        ("DEFAULT_STEPS", "50.5", "must be an integer, got '50.5'"),
+        ("SHARE_COMPONENTS", "maybe", "must be true or false"),
+    ],
+)
+def test_a_value_a_hub_preset_could_garble_names_the_variable(monkeypatch, tmp_path, tiny_models, name, value, rule):
+    """Integral "50.0" and "True" are read (tests/test_config.py); a fraction or a non-boolean is every job's error."""
+    message = failed_start(monkeypatch, tmp_path, QWEN_IMAGE_MODEL=str(tiny_models["qwen-image"]), **{name: value})
+    assert f"{name} {rule}" in message
+
+
 def test_an_unforeseen_loading_failure_is_served_too(monkeypatch, tmp_path, tiny_models):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from .loading import (
     select_device,
 )
 from .loras import LoraStore, PreparedLoraCache
-from .models import resolve_folder, resolve_model
+from .models import parse_repo_file, resolve_folder, resolve_model, resolve_repo_file
 from .profiles import PROFILES, check_license, check_lightning, profile_for
 from .progress import StepProgress, runpod_sender
 from .runner import PipelineRunner
@@ -75,14 +76,31 @@ def build_safety(settings: Settings, device: torch.device) -> SafetyPolicy:
     return SafetyPolicy(checker=checker, mode=settings.safety_checker, check_inputs=settings.safety_check_inputs)
 
 
+def lightning_file(settings: Settings, value: Path | None, variable: str) -> Path | None:
+    """A Lightning variable's file: a local path as given, or ``org/name:file`` found offline in the model caches
+    (where ``builder/fetch_models.py --models lightning-8step`` puts it). Raises ConfigError naming the variable."""
+    if value is None or value.exists() or parse_repo_file(str(value)) is None:
+        return value
+    what = f"Lightning LoRA ({variable})"
+    return resolve_repo_file(str(value), volume_path=settings.volume_path, baked_cache=settings.hf_hub_cache, what=what)
+
+
 def build_worker(settings: Settings) -> Worker:
     """Resolve and load the configured models (once per process) and wire the worker. Raises ConfigError."""
     device = select_device(settings.require_cuda)
     loaded: list[LoadedPipeline] = []
     fuse = settings.lightning_fuse
     lightning = {
-        Task.TEXT_TO_IMAGE: LightningFiles(settings.lightning_lora, settings.lightning_lora_4step, fuse),
-        Task.EDIT: LightningFiles(settings.lightning_edit_lora, settings.lightning_edit_lora_4step, fuse),
+        Task.TEXT_TO_IMAGE: LightningFiles(
+            lightning_file(settings, settings.lightning_lora, "LIGHTNING_LORA"),
+            lightning_file(settings, settings.lightning_lora_4step, "LIGHTNING_LORA_4STEP"),
+            fuse,
+        ),
+        Task.EDIT: LightningFiles(
+            lightning_file(settings, settings.lightning_edit_lora, "LIGHTNING_EDIT_LORA"),
+            lightning_file(settings, settings.lightning_edit_lora_4step, "LIGHTNING_EDIT_LORA_4STEP"),
+            fuse,
+        ),
         Task.LAYERS: LightningFiles(),  # no Lightning LoRA exists for Qwen-Image-Layered
     }
     pool = ComponentPool(share=settings.share_components)
@@ -121,6 +139,7 @@ def build_worker(settings: Settings) -> Worker:
         settings.volume_path,
         settings.image_fetch_timeout_seconds,
         prepared=prepared_loras,
+        baked_cache=settings.hf_hub_cache,
     )
     sender = runpod_sender() if settings.report_progress else None
     controlnet = None

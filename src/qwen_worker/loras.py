@@ -13,6 +13,8 @@ schema only ``LoraRequest`` (one ``loras[i]`` entry) is read:
 - absolute path: a regular ``.safetensors`` file on the worker's disk (e.g. baked into the image).
 - relative path: a file under the network volume (``/runpod-volume``); ``..`` is refused, symlinks are resolved and
   the target must stay inside the volume.
+- ``org/name:path/in/repo.safetensors``: a file of a Hugging Face repo, found offline in the caches the models come
+  from (``models.resolve_repo_file``; ``builder/fetch_models.py --file`` puts it there).
 
 Whatever the source, the file's safetensors header is parsed before use. Nothing is ever unpickled: a ``.ckpt`` /
 ``.pt`` file renamed to ``.safetensors`` fails that check, and diffusers is called with ``use_safetensors=True`` so its
@@ -62,7 +64,8 @@ import torch
 from safetensors import safe_open
 
 from .downloads import DownloadError, download, host_of
-from .errors import LoraError
+from .errors import ConfigError, LoraError
+from .models import parse_repo_file, resolve_repo_file
 from .schema import LoraRequest  # one loras[i] entry: path and scale (range checked by the schema)
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ class LoraStore:
         *,
         protect_recent: int = 3,
         prepared: PreparedLoraCache | None = None,
+        baked_cache: Path | None = None,
     ) -> None:
         if max_cache_bytes < 0 or max_file_bytes <= 0 or timeout_seconds <= 0 or protect_recent < 0:
             raise ValueError("LoraStore limits must be positive")
@@ -108,6 +112,7 @@ class LoraStore:
         self.max_cache_bytes = max_cache_bytes
         self.max_file_bytes = max_file_bytes
         self.volume_path = Path(volume_path)
+        self.baked_cache = baked_cache  # the image's HF cache: with the volume's, where "org/name:file" is looked up
         self.timeout_seconds = timeout_seconds
         self.protect_recent = protect_recent
         self.prepared = prepared
@@ -140,6 +145,8 @@ class LoraStore:
                 )
         elif reference.startswith("/"):
             path = self._local_file(Path(reference), field)
+        elif parse_repo_file(reference) is not None:
+            path = self._hub_file(reference, field)
         else:
             path = self._volume_file(reference, field)
         # A file the memory cache already holds (same identity: no read needed to know) was checked when it was
@@ -158,6 +165,18 @@ class LoraStore:
         if not path.is_file():
             raise LoraError(field, f"{path} is not a regular file")
         return path
+
+    def _hub_file(self, reference: str, field: str) -> Path:
+        """``org/name:file.safetensors`` from the Hugging Face caches the models come from (builder/fetch_models.py
+        --file fills them): offline, never downloaded."""
+        if PurePosixPath(reference).suffix.lower() != LORA_SUFFIX:
+            raise LoraError(field, f"{reference} is not a {LORA_SUFFIX} file (only safetensors LoRAs are accepted)")
+        try:
+            return resolve_repo_file(
+                reference, volume_path=self.volume_path, baked_cache=self.baked_cache, what="LoRA"
+            )
+        except ConfigError as err:
+            raise LoraError(field, str(err)) from None
 
     def _volume_file(self, reference: str, field: str) -> Path:
         relative = PurePosixPath(reference)

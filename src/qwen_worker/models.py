@@ -14,12 +14,15 @@ network; a model found nowhere is a ``ConfigError`` that names the repo id, ever
 
 ``resolve_folder`` does the search for any model whose folder has a known file at its root (``config.json`` for the
 safety checker); ``resolve_model`` is that search for a diffusers pipeline (``model_index.json``), plus its class.
+``resolve_repo_file`` finds one file of a repo, named ``org/name:path/in/repo`` (a Lightning LoRA, a user LoRA), in the
+same caches: what ``builder/fetch_models.py --file`` (or its Lightning names) puts there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 RUNPOD_CACHE_SUBDIR = Path("huggingface-cache/hub")
 VOLUME_HF_CACHE_SUBDIR = Path(".cache/huggingface/hub")
+# "org/name:path/in/repo": one file of a Hugging Face repo (Hub repo names: letters, digits, "-", "_", ".").
+REPO_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^:]+)$")
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,7 @@ def resolve_folder(
             + "; ".join(looked)
         )
 
-    caches = [
-        (volume_path / RUNPOD_CACHE_SUBDIR, "runpod model cache"),
-        (volume_path / VOLUME_HF_CACHE_SUBDIR, "network volume cache"),
-        (baked_cache or Path.home() / ".cache/huggingface/hub", "image cache"),
-    ]
-    for cache, source in caches:
+    for cache, source in _caches(volume_path, baked_cache):
         repo_dir = cache / ("models--" + spec.replace("/", "--"))
         snapshot, why_not = _snapshot_in(repo_dir)
         if snapshot is not None:
@@ -106,6 +106,59 @@ def resolve_folder(
         + "; ".join(looked)
         + f". Fix: bake it into the image (builder/fetch_models.py), enable Runpod's cached model '{spec}' on the "
         "endpoint, put it on the network volume, or point the variable at a local folder."
+    )
+
+
+def _caches(volume_path: Path, baked_cache: Path | None) -> list[tuple[Path, str]]:
+    """The Hugging Face caches a repo id is looked up in, in order, each with the name the log gives it."""
+    return [
+        (volume_path / RUNPOD_CACHE_SUBDIR, "runpod model cache"),
+        (volume_path / VOLUME_HF_CACHE_SUBDIR, "network volume cache"),
+        (baked_cache or Path.home() / ".cache/huggingface/hub", "image cache"),
+    ]
+
+
+def parse_repo_file(spec: str) -> tuple[str, str] | None:
+    """``org/name:path/in/repo`` -> (repo id, file), or None when ``spec`` is not spelled that way."""
+    match = REPO_FILE.match(spec.strip())
+    return (match["repo"], match["file"]) if match else None
+
+
+def resolve_repo_file(spec: str, *, volume_path: Path, baked_cache: Path | None, what: str) -> Path:
+    """The local path of ``spec`` (``org/name:path/in/repo``), found offline in the same caches as the models.
+
+    The revision is the one a pipeline of that repo would get (``refs/main``, else the only snapshot), and the file is
+    then looked up with huggingface_hub's own offline cache lookup (``try_to_load_from_cache``: no network, and a
+    file name escaping the snapshot is refused). Raises ConfigError naming every place looked and the fix.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    parsed = parse_repo_file(spec)
+    if parsed is None:
+        raise ConfigError(f"{what} {spec!r} is not spelled org/name:path/in/repo")
+    repo, filename = parsed
+    looked: list[str] = []
+    for cache, source in _caches(volume_path, baked_cache):
+        repo_dir = cache / ("models--" + repo.replace("/", "--"))
+        snapshot, why_not = _snapshot_in(repo_dir)
+        if snapshot is None:
+            looked.append(f"{source} {repo_dir} ({why_not})")
+            continue
+        try:
+            found = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=snapshot.name)
+        except ValueError as err:  # huggingface_hub refuses absolute names and ".." before touching the disk
+            raise ConfigError(f"{what} {spec!r}: {err}") from None
+        path = Path(found) if isinstance(found, str) else None
+        # The snapshot's entry is a link into the repo's blobs/: a link leading anywhere else is not this repo's file.
+        if path is not None and path.resolve().is_relative_to(repo_dir.resolve()):
+            log.info("%s %s: from %s at %s (revision %s)", what, spec, source, path, snapshot.name)
+            return path
+        looked.append(f"{source} {snapshot} (no file {filename})")
+    raise ConfigError(
+        f"{what} {spec} was not found on this machine (the worker never downloads at run time). Looked in: "
+        + "; ".join(looked)
+        + f". Fix: fetch it with builder/fetch_models.py --file {spec} (into the image, or onto the network volume "
+        "with --cache-dir <volume>/.cache/huggingface/hub), or name a local file."
     )
 
 
