@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test env-table
+.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema env-table
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -53,6 +53,11 @@ test: $(VENV)/.installed s3-server image-corpus ## Every test but the soak
 # The quick loop: no worker processes (the e2e marker, tests/conftest.py), so no S3 server to install either.
 test-fast: $(VENV)/.installed ## The quick loop: pytest -m "not e2e" (in-process tests only, no worker process)
 	$(PY) -m pytest -m "not e2e"
+
+# The published JSON Schemas of the request and the result, from src/qwen_worker/contract.py (tests/test_contract.py
+# fails when the committed files are stale).
+schema: $(VENV)/.installed ## Regenerate schema/request.schema.json and schema/result.schema.json
+	$(PY) scripts/gen_schema.py
 
 # ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify) everywhere; mypy --strict over src/ and handler.py.
 lint: $(VENV)/.installed ## ruff and mypy --strict, as CI runs them before the tests

@@ -187,12 +187,13 @@ class Pipelines:
         from qwen_worker.config import BucketSettings, Secret
         from qwen_worker.media import encode_image
         from qwen_worker.pricing import cost_of
-        from qwen_worker.schema import GenerationDefaults, parse_request
+        from qwen_worker.profiles import DEFAULT_PROFILE, request_rules
+        from qwen_worker.schema import parse_request
         from qwen_worker.storage import S3Store
 
         self.image = image
         self.encode_image, self.cost_of, self.parse_request = encode_image, cost_of, parse_request
-        self.defaults = GenerationDefaults()
+        self.defaults = request_rules(DEFAULT_PROFILE)
         self.store = S3Store(
             BucketSettings(
                 endpoint_url=info.endpoint_url,

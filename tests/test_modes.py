@@ -279,7 +279,8 @@ def test_blending_only_the_masks_box_gives_what_the_whole_image_would():
 
 
 def test_every_mode_has_a_route_and_its_call_arguments():
-    """The two tables a new mode is added to: a mode missing from either would fail its jobs with a KeyError."""
-    from qwen_worker import runner
+    """The one table a new mode is added to: a mode missing from it would fail its jobs with a KeyError."""
+    from qwen_worker import modes
 
-    assert set(runner.MODE_ROUTES) == set(Mode) == set(runner._MODE_ARGUMENTS)
+    assert set(modes.MODES) == set(Mode)
+    assert all(row.routes and callable(row.arguments) and callable(row.unpack) for row in modes.MODES.values())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qwen_worker.errors import ValidationError
-from qwen_worker.schema import GenerationDefaults, Mode, OutputFormat, parse_request
+from qwen_worker.profiles import DEFAULT_PROFILE, request_rules
+from qwen_worker.schema import Mode, OutputFormat, parse_request
 
 URL = "https://example.invalid/photo.png"  # never fetched: parsing does no I/O
 
@@ -30,7 +33,8 @@ def test_runpod_t2i_example_parses_with_documented_defaults():
 
 
 def test_defaults_when_only_prompt_given():
-    request = parse_request({"prompt": "A cat"}, GenerationDefaults(num_inference_steps=7, true_cfg_scale=2.5))
+    rules = replace(request_rules(DEFAULT_PROFILE), num_inference_steps=7, true_cfg_scale=2.5)
+    request = parse_request({"prompt": "A cat"}, rules)
     assert (request.width, request.height) == (1024, 1024)
     assert request.negative_prompt == ""
     assert (request.num_inference_steps, request.true_cfg_scale) == (7, 2.5)

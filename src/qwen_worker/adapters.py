@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .enums import FastMode
 from .errors import ConfigError, LoraError
 from .loras import RESIDENT_ADAPTERS, load_prepared, prepare_lora
-from .schema import FastMode
 
 log = logging.getLogger(__name__)
 

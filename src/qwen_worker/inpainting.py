@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .schema import Expand
+from .enums import Expand
 
 # The pipelines binarise the mask at 0.5 (VaeImageProcessor.binarize): 128 of 255 and above is repainted.
 MASK_THRESHOLD = 128

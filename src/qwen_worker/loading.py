@@ -30,12 +30,12 @@ import torch
 
 from .acceleration import AccelerationSettings, allow_graphs, apply_acceleration, warm_up
 from .adapters import FastModes, fuse_lightning, resident_lightning, swapped_transformer
+from .enums import FastMode, Task
 from .errors import ConfigError
 from .lora_slots import LoraSlots, build_slots
 from .models import ResolvedModel
 from .profiles import PROFILES, ModelProfile, profile_for
 from .quantization import quantize_transformer
-from .schema import FastMode, Task
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from .adapters import FastModes, share_weights_copy, swapped_transformer
+from .enums import FastMode
 from .errors import LoraError
 from .loras import RESIDENT_ADAPTERS, PreparedLora
-from .schema import FastMode
 
 log = logging.getLogger(__name__)
 

@@ -64,9 +64,9 @@ import torch
 from safetensors import safe_open
 
 from .downloads import DownloadError, download, host_of
+from .enums import LoraRequest  # one loras[i] entry: path and scale (range checked by the schema)
 from .errors import ConfigError, LoraError
 from .models import parse_repo_file, resolve_repo_file
-from .schema import LoraRequest  # one loras[i] entry: path and scale (range checked by the schema)
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .downloads import DownloadError, download
+from .enums import OutputFormat
 from .errors import InputImageError
-from .schema import OutputFormat
 
 # Formats a user may send. Pillow can read more, but each extra decoder is attack surface for no user benefit, so
 # Image.open is told to try only these. A JPEG carrying a multi-picture index (phones' portrait and HDR shots,

@@ -20,11 +20,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .enums import Task
 from .errors import ConfigError
-from .schema import MAX_EDIT_IMAGES, GenerationDefaults, Task
 from .sizes import ASPECT_RATIOS, DEFAULT_SIZE_RULES, SizeRules
 
 ACCEPT_RESEARCH_LICENSE_VARIABLE = "QWEN_IMAGE_ACCEPT_RESEARCH_LICENSE"
+
+# Edit-Plus's reference images, and the most an ``images`` array carries for a model that takes fewer (the runner
+# then refuses several, naming the models that take them).
+MAX_EDIT_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,22 @@ def profile_for(pipeline_class: str) -> ModelProfile:
     if profile is None:
         raise ConfigError(f"this worker serves {', '.join(PROFILES)}, not {pipeline_class}")
     return profile
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a request is parsed against: the defaults it may override and the rules of the model that serves it.
+
+    The defaults are the operator's (DEFAULT_STEPS, DEFAULT_TRUE_CFG_SCALE) or else the model card's; the rules are
+    the model's. Built from a profile by ``request_rules``, so no value here restates the profile's."""
+
+    num_inference_steps: int
+    true_cfg_scale: float
+    sizes: SizeRules
+    aspect_ratios: Mapping[str, tuple[int, int]]
+    max_images: int
+    alpha_output: bool
+    cfg_needs_negative_prompt: bool
 
 
 def request_rules(

@@ -5,8 +5,9 @@ Knows nothing of HTTP, S3 or JSON: it takes a ``GenerationJob`` (a validated ``R
 input images, local LoRA files) and returns PIL images. Per-job state is applied on entry and restored on exit, so the
 next job meets the pipeline exactly as it was loaded (``loading.py``).
 
-Modes are a table (``MODE_ROUTES``): each names the loaded pipeline it runs on and the diffusers class that runs it,
-built from the loaded one with ``from_pipe`` (the same modules, so a mode costs no memory).
+What serves each mode is its row in ``modes.MODES``: the loaded pipeline it runs on and the diffusers class that runs
+it, built from the loaded one with ``from_pipe`` (the same modules, so a mode costs no memory), its call arguments and
+how its output is unpacked. Nothing here names an individual mode.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .acceleration import BatchedTrueCFG
 from .adapters import fast_transformer
+from .enums import Background, FastMode, Mode, Task
 from .errors import (
     ConfigError,
     FastModeUnavailableError,
@@ -39,8 +41,9 @@ from .loading import LoadedPipeline, derive_pipeline, lightning_variable
 from .loras import PreparedLoraCache, applied_loras, prepared_loras
 from .media import flatten_alpha
 from .models import ResolvedModel
+from .modes import MODES, ModeRoute
 from .profiles import DEFAULT_PROFILE, ModelProfile
-from .schema import Background, FastMode, Mode, Request, Task
+from .schema import Request
 
 log = logging.getLogger(__name__)
 
@@ -58,66 +61,6 @@ LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {
 }
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-
-
-@dataclass(frozen=True)
-class ModeRoute:
-    """One way to serve a mode: the loaded pipeline it runs on (its ``model_index.json`` class) and the diffusers
-    class that runs it, built from that one with ``from_pipe`` (None: the loaded pipeline itself)."""
-
-    source: str
-    pipeline_class: str | None = None
-
-
-_INPAINT_ROUTES = (
-    # A plain Qwen-Image-Edit model applies the prompt as an instruction inside the mask. The edit-inpaint pipeline
-    # encodes the single-image Edit prompt template, wrong for Edit-Plus (2509/2511) weights, so with those (or no
-    # edit model) the text-to-image inpaint pipeline serves, the prompt describing the new content.
-    ModeRoute("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"),
-    ModeRoute("QwenImagePipeline", "QwenImageInpaintPipeline"),
-)
-
-# Each mode's routes in order of preference: the first whose source pipeline is loaded serves the mode.
-MODE_ROUTES: dict[Mode, tuple[ModeRoute, ...]] = {
-    Mode.TEXT_TO_IMAGE: (ModeRoute("QwenImagePipeline"), ModeRoute("QwenImage21Pipeline")),
-    # Qwen-Image-2.1 edits too (1-10 references), after a dedicated edit model when one is configured.
-    Mode.EDIT: (
-        ModeRoute("QwenImageEditPlusPipeline"),
-        ModeRoute("QwenImageEditPipeline"),
-        ModeRoute("QwenImage21Pipeline"),
-    ),
-    Mode.IMAGE_TO_IMAGE: (ModeRoute("QwenImagePipeline", "QwenImageImg2ImgPipeline"),),
-    Mode.INPAINTING: _INPAINT_ROUTES,
-    Mode.OUTPAINTING: _INPAINT_ROUTES,  # outpainting is inpainting a grown canvas's new border
-    Mode.LAYERS: (ModeRoute("QwenImageLayeredPipeline"),),
-    # The ControlNet module (QWEN_IMAGE_CONTROLNET_MODEL) joins the text-to-image model's own modules.
-    Mode.CONTROLNET: (ModeRoute("QwenImagePipeline", "QwenImageControlNetPipeline"),),
-}
-
-# When no route's source is loaded: the field that asked for the mode, and what would serve it.
-_INPAINT_MODELS = (
-    "it needs the text-to-image model (QWEN_IMAGE_MODEL) or a Qwen-Image-Edit model (QwenImageEditPipeline, not "
-    "Edit-Plus) as QWEN_IMAGE_EDIT_MODEL"
-)
-NOT_SERVED: dict[Mode, str] = {
-    Mode.TEXT_TO_IMAGE: "This endpoint does not serve text-to-image (QWEN_IMAGE_MODEL is off); send an 'image' to "
-    "edit it.",
-    Mode.EDIT: "This endpoint does not serve image editing (no QWEN_IMAGE_EDIT_MODEL is configured); send a request "
-    "without 'image' for text-to-image.",
-    Mode.IMAGE_TO_IMAGE: "This endpoint does not serve image-to-image (strength): it runs on the text-to-image model "
-    "and QWEN_IMAGE_MODEL is off; send the request without strength to edit the image.",
-    Mode.INPAINTING: f"This endpoint does not serve inpainting (mask_image): {_INPAINT_MODELS}.",
-    Mode.OUTPAINTING: f"This endpoint does not serve outpainting (expand): {_INPAINT_MODELS}.",
-    Mode.LAYERS: "This endpoint does not serve layer decomposition (layers): it needs a Qwen-Image-Layered model "
-    "as QWEN_IMAGE_LAYERED_MODEL, and none is configured.",
-    Mode.CONTROLNET: "This endpoint does not serve ControlNet (control_image): it needs a Qwen-Image ControlNet as "
-    "QWEN_IMAGE_CONTROLNET_MODEL beside the text-to-image model (QWEN_IMAGE_MODEL).",
-}
-
-# Qwen-Image-Layered's model card: true CFG with the guided prediction rescaled to the conditional one's norm, and
-# an English caption when the request has no prompt.
-LAYERS_CFG_NORMALIZE = True
-LAYERS_CAPTION_IN_ENGLISH = True
 
 
 @dataclass(frozen=True)
@@ -193,21 +136,22 @@ class PipelineRunner:
     def pipeline_for(self, task: Task) -> LoadedPipeline:
         loaded = self._by_task.get(task)
         if loaded is None:
-            raise TaskNotServedError(NOT_SERVED[Mode.EDIT if task is Task.EDIT else Mode.TEXT_TO_IMAGE])
+            raise TaskNotServedError(MODES[Mode(task.value)].not_served)  # each task is also the mode it serves
         return loaded
 
     def route_for(self, mode: Mode) -> tuple[ModeRoute, LoadedPipeline]:
         """The route that serves ``mode`` here and the loaded pipeline it runs on; TaskNotServedError if none."""
+        spec = MODES[mode]
         by_class = {loaded.model.pipeline_class: loaded for loaded in self._by_task.values()}
-        if mode is Mode.CONTROLNET and self.controlnet is None:
-            raise TaskNotServedError(NOT_SERVED[mode])
-        for route in MODE_ROUTES[mode]:
+        if spec.needs_controlnet and self.controlnet is None:
+            raise TaskNotServedError(spec.not_served)
+        for route in spec.routes:
             if route.source in by_class:
                 return route, by_class[route.source]
         # A model loaded here that has no pipeline for this mode (Qwen-Image-2.1 for image-to-image, say): name it.
-        without = sorted(name for name in by_class if all(route.source != name for route in MODE_ROUTES[mode]))
+        without = sorted(name for name in by_class if all(route.source != name for route in spec.routes))
         detail = f" (this endpoint's {', '.join(without)} has no {mode.value} pipeline)" if without else ""
-        raise TaskNotServedError(NOT_SERVED[mode].rstrip(".") + detail + ".")
+        raise TaskNotServedError(spec.not_served.rstrip(".") + detail + ".")
 
     def served(self, mode: Mode) -> ServedMode:
         """The pipeline that runs ``mode``, built from its loaded pipeline on first use (``prepare_modes`` builds
@@ -221,7 +165,7 @@ class PipelineRunner:
                 key = (route.source, route.pipeline_class)
                 if key not in self._derived:
                     # The ControlNet pipeline takes one module the loaded pipeline does not have.
-                    extra = {"controlnet": self.controlnet} if mode is Mode.CONTROLNET else {}
+                    extra = {"controlnet": self.controlnet} if MODES[mode].needs_controlnet else {}
                     self._derived[key] = derive_pipeline(loaded, route.pipeline_class, **extra)
                 self._served[mode] = ServedMode(mode, loaded, route.pipeline_class, self._derived[key])
         return self._served[mode]
@@ -290,10 +234,11 @@ class PipelineRunner:
         ):
             output = pipeline(**call)
         note = prompt_token_note(pipeline, call["prompt"] or "", loaded.profile.max_prompt_tokens)
-        # The layered pipeline returns one list of RGBA layers per input image; a job decomposes one image.
-        images = list(output.images[0]) if job.request.mode is Mode.LAYERS else list(output.images)
-        if job.request.background is not Background.TRANSPARENT and job.request.mode is not Mode.LAYERS:
-            # Qwen-Image-2.1 always decodes RGBA; unless transparency was asked for, deliver what a viewer shows.
+        spec = MODES[job.request.mode]
+        images = spec.unpack(output)
+        if job.request.background is not Background.TRANSPARENT and not spec.layered:
+            # Qwen-Image-2.1 always decodes RGBA; unless transparency was asked for (or the mode returns layers,
+            # alpha and all), deliver what a viewer shows.
             images = [flatten_alpha(image) for image in images]
         return Generation(
             images=images,
@@ -364,7 +309,7 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
         # steps are honoured with the pipeline's own default grid at that length.
         steps = request.num_inference_steps
         call["sigmas"] = np.linspace(1.0, 1 / steps, steps).tolist()
-    _MODE_ARGUMENTS[request.mode](call, served, job)
+    MODES[request.mode].arguments(call, job, served.loaded.accepts_multiple_images)
     if on_progress is not None:
         total = request.denoising_steps  # with a strength, only the last part of the schedule runs
 
@@ -374,70 +319,6 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
 
         call["callback_on_step_end"] = report
     return call
-
-
-# What each mode adds to (or takes from) the call arguments every mode shares: one small function per mode.
-ModeArguments = Callable[[dict[str, Any], ServedMode, GenerationJob], None]
-
-
-def _text_to_image_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    """Nothing beyond the shared arguments."""
-
-
-def _edit_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    call["image"] = list(job.inputs) if served.loaded.accepts_multiple_images else job.inputs[0]
-
-
-def _image_to_image_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    # The pipeline stretches its input to the output size; cropping to the output's aspect first keeps the
-    # proportions when a size of another aspect is asked for.
-    call["image"] = ImageOps.fit(job.inputs[0], (job.width, job.height), Image.Resampling.LANCZOS)
-    call["strength"] = job.request.strength
-
-
-def _inpainting_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    """Inpainting, and outpainting (inpainting a grown canvas's new border)."""
-    if job.canvas is None:
-        raise ValueError(f"a {job.request.mode.value} job needs its canvas")
-    # White (255) is repainted: the diffusers convention, and the worker's masks follow it.
-    call["image"] = job.canvas.image
-    call["mask_image"] = job.canvas.mask
-    call["strength"] = job.request.strength
-
-
-def _layers_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    request = job.request
-    # The layered pipeline sizes its output from the image and the resolution bucket: it takes no width/height.
-    del call["width"], call["height"]
-    call["image"] = job.inputs[0].convert("RGBA")
-    call["layers"] = request.layers
-    call["resolution"] = request.resolution
-    call["cfg_normalize"] = LAYERS_CFG_NORMALIZE
-    call["use_en_prompt"] = LAYERS_CAPTION_IN_ENGLISH
-    # No prompt: None makes the pipeline caption the image with its own vision-language text encoder.
-    call["prompt"] = request.effective_prompt if request.effective_prompt.strip() else None
-
-
-def _controlnet_arguments(call: dict[str, Any], served: ServedMode, job: GenerationJob) -> None:
-    if job.control is None:
-        raise ValueError("a ControlNet job needs its control image")
-    # The caller's control image is already preprocessed (canny, depth, pose...); only its size is made to fit.
-    control = job.control
-    if control.size != (job.width, job.height):
-        control = control.resize((job.width, job.height), Image.Resampling.BILINEAR)
-    call["control_image"] = control
-    call["controlnet_conditioning_scale"] = job.request.controlnet_conditioning_scale
-
-
-_MODE_ARGUMENTS: dict[Mode, ModeArguments] = {
-    Mode.TEXT_TO_IMAGE: _text_to_image_arguments,
-    Mode.EDIT: _edit_arguments,
-    Mode.IMAGE_TO_IMAGE: _image_to_image_arguments,
-    Mode.INPAINTING: _inpainting_arguments,
-    Mode.OUTPAINTING: _inpainting_arguments,
-    Mode.LAYERS: _layers_arguments,
-    Mode.CONTROLNET: _controlnet_arguments,
-}
 
 
 def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:

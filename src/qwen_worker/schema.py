@@ -18,13 +18,23 @@ import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+# Re-exported: callers that parse requests read these names here too; the modules below the parser import enums.py.
+from .enums import Background as Background
+from .enums import Expand as Expand
+from .enums import FastMode as FastMode
+from .enums import LoraRequest as LoraRequest
+from .enums import Mode as Mode
+from .enums import OutputFormat as OutputFormat
+from .enums import Task as Task
 from .errors import ValidationError, json_type, preview
+from .modes import MODE_FIELDS, MODE_RULE, NEUTRAL_VALUES, ModeSpec, SizeRule, image_mode
+from .profiles import DEFAULT_PROFILE, request_rules
+from .profiles import MAX_EDIT_IMAGES as MAX_EDIT_IMAGES
+from .profiles import GenerationDefaults as GenerationDefaults
 from .sizes import (
-    ASPECT_RATIOS,
     DEFAULT_SIZE_RULES,
     FAL_PRESETS,
     REPLICATE_SIZE_MODES,
@@ -37,7 +47,6 @@ SEED_LIMIT = 2**32
 MAX_STEPS = 100
 MIN_CFG, MAX_CFG = 1.0, 20.0
 MAX_NUM_IMAGES = 4
-MAX_EDIT_IMAGES = 3
 MAX_LORAS = 3
 MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
 # Stops absurd payloads early; the text encoder's window is far smaller, see runner.MAX_PROMPT_TOKENS.
@@ -54,115 +63,6 @@ _SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*\*\s*(\d{1,6})\s*$")
 # The Qwen-Image model card's "positive magic", appended when enhance_prompt is on.
 MAGIC_SUFFIX_EN = ", Ultra HD, 4K, cinematic composition."
 MAGIC_SUFFIX_ZH = ", 超清，4K，电影级构图."
-
-
-class Task(str, enum.Enum):
-    """The kind of a loaded pipeline (the operator's side): text-to-image or edit. A request asks for a ``Mode``."""
-
-    TEXT_TO_IMAGE = "text-to-image"
-    EDIT = "edit"
-    LAYERS = "layers"
-
-
-class Mode(str, enum.Enum):
-    """What a request asks for, decided once by ``parse_request`` from the fields present (``MODE_RULE``).
-
-    ControlNet (``control_image``) is text-to-image guided by a preprocessed control image (canny, depth, pose...).
-    """
-
-    LAYERS = "layers"
-    TEXT_TO_IMAGE = "text-to-image"
-    EDIT = "edit"
-    IMAGE_TO_IMAGE = "image-to-image"
-    INPAINTING = "inpainting"
-    OUTPAINTING = "outpainting"
-    CONTROLNET = "controlnet"
-
-    @property
-    def keeps_input_size(self) -> bool:
-        """Inpainting returns the input's dimensions and outpainting the grown canvas: no size may be requested."""
-        return self in (Mode.INPAINTING, Mode.OUTPAINTING)
-
-
-# The mode rule, first match wins: (the field that selects the mode, the mode). The README states it in one sentence.
-MODE_RULE: tuple[tuple[str, Mode], ...] = (
-    ("layers", Mode.LAYERS),
-    ("mask_image", Mode.INPAINTING),
-    ("expand", Mode.OUTPAINTING),
-    ("strength", Mode.IMAGE_TO_IMAGE),
-    ("control_image", Mode.CONTROLNET),
-)
-
-
-class OutputFormat(str, enum.Enum):
-    PNG = "png"
-    JPEG = "jpeg"
-    WEBP = "webp"
-
-    @property
-    def mime_type(self) -> str:
-        return f"image/{self.value}"
-
-    @property
-    def extension(self) -> str:
-        return "jpg" if self is OutputFormat.JPEG else self.value
-
-
-class FastMode(str, enum.Enum):
-    """Lightning distillation: ``regular`` runs the 8-step LoRA, ``high`` the 4-step one; both without true CFG."""
-
-    NONE = "none"
-    REGULAR = "regular"
-    HIGH = "high"
-
-    @property
-    def steps(self) -> int:
-        return {FastMode.REGULAR: 8, FastMode.HIGH: 4}.get(self, 0)
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    path: str  # a local file, a path on the network volume, or an http(s) URL
-    scale: float
-
-
-class Background(str, enum.Enum):
-    """OpenAI's ``background``: ``transparent`` keeps the alpha of a model that draws it (RGBA PNG/WebP)."""
-
-    AUTO = "auto"
-    OPAQUE = "opaque"
-    TRANSPARENT = "transparent"
-
-
-@dataclass(frozen=True)
-class Expand:
-    """Outpainting: pixels added on each side of the input image."""
-
-    left: int = 0
-    right: int = 0
-    top: int = 0
-    bottom: int = 0
-
-    def grown(self, width: int, height: int) -> tuple[int, int]:
-        return width + self.left + self.right, height + self.top + self.bottom
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """What a request is parsed against: the defaults it may override and the rules of the model that serves it.
-
-    The defaults are the operator's (DEFAULT_STEPS, DEFAULT_TRUE_CFG_SCALE) or else the model card's; the rules are
-    the model's (``profiles.request_rules`` builds both from a profile). The field defaults are Qwen-Image's.
-    """
-
-    num_inference_steps: int = 50
-    true_cfg_scale: float = 4.0
-    sizes: SizeRules = DEFAULT_SIZE_RULES
-    # Read-only, as one mapping is shared by every instance.
-    aspect_ratios: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType(ASPECT_RATIOS))
-    max_images: int = MAX_EDIT_IMAGES
-    alpha_output: bool = False
-    cfg_needs_negative_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +123,8 @@ class Request:
         return self.prompt.rstrip() + (MAGIC_SUFFIX_ZH if mostly_cjk(self.prompt) else MAGIC_SUFFIX_EN)
 
 
+_CARD_RULES = request_rules(DEFAULT_PROFILE)
+
 _ALIASES: dict[str, tuple[str, ...]] = {
     "true_cfg_scale": ("true_cfg_scale", "guidance", "guidance_scale"),
     "num_images": ("num_images", "n"),
@@ -242,11 +144,14 @@ _FIELDS = frozenset(
 
 
 def parse_request(
-    raw: Any, defaults: GenerationDefaults | Callable[[Mode], GenerationDefaults] = GenerationDefaults()
+    raw: Any, defaults: GenerationDefaults | Callable[[Mode], GenerationDefaults] | None = None
 ) -> Request:
     """Validate a job's ``input`` and return the typed request, or raise ``ValidationError`` naming the field.
 
-    ``defaults`` may be a function of the mode: the model that serves a request (and so its rules) depends on it."""
+    ``defaults`` may be a function of the mode: the model that serves a request (and so its rules) depends on it.
+    None: Qwen-Image's card (``profiles.DEFAULT_PROFILE``)."""
+    if defaults is None:
+        defaults = _CARD_RULES
     if not isinstance(raw, Mapping):
         raise ValidationError("input", f"must be a JSON object, got {json_type(raw)}")
     _reject_unknown_fields(raw)
@@ -255,26 +160,19 @@ def parse_request(
 
     # The mode first (it decides which model serves the request, and so its rules), from the images' presence and
     # count alone; the images themselves are validated against that model's rules below.
-    mode = _mode(fields, _image_count(fields))
+    spec = _mode(fields, _image_count(fields))
+    mode = spec.mode
+    _refuse_fields_of_other_modes(fields, spec)
     rules = defaults(mode) if callable(defaults) else defaults
     image_urls = _image_urls(fields, rules.max_images)
-    if mode.keeps_input_size or mode is Mode.LAYERS:
-        _refuse_size_forms(fields, mode)
-    layers, resolution = _layers(fields, mode)
-    draws_from_text = mode in (Mode.TEXT_TO_IMAGE, Mode.CONTROLNET)
-    width, height = _size(fields, rules, default=(1024, 1024) if draws_from_text else None)
+    if spec.refuses_size:
+        _refuse_size_forms(fields, spec)
+    layers, resolution = _layers(fields, spec)
+    width, height = _size(fields, rules, default=(1024, 1024) if spec.size_rule is SizeRule.DRAWN else None)
     match_input_size = fields.boolean("match_input_size", default=False)
-    if match_input_size and (draws_from_text or mode is Mode.LAYERS):
-        raise ValidationError(
-            "match_input_size", "applies only to edits and image-to-image (requests with 'image' or 'images')"
-        )
     if match_input_size and width is not None:
         raise ValidationError("match_input_size", "cannot be combined with an explicit size")
     preserve_unmasked = fields.boolean("preserve_unmasked", default=None)
-    if preserve_unmasked is not None and not mode.keeps_input_size:
-        raise ValidationError(
-            "preserve_unmasked", "applies only to inpainting (with mask_image) and outpainting (with expand)"
-        )
 
     fast_mode = _fast_mode(fields)
     steps = fields.integer("num_inference_steps", default=None, low=1, high=MAX_STEPS)
@@ -290,7 +188,7 @@ def parse_request(
         steps, cfg = fast_mode.steps, 1.0
 
     steps = steps if steps is not None else rules.num_inference_steps
-    strength = _strength(fields, mode)
+    strength = _strength(fields, spec)
     if strength is not None:
         # The pipelines run only the last strength x steps of the schedule; none at all is refused here, never
         # left to the pipeline's ValueError.
@@ -304,15 +202,13 @@ def parse_request(
             notes.append(f"strength {strength:g} runs the last {steps_run} of {total} steps")
 
     background = _background(fields.optional("background"), rules)
-    # Runpod's edit endpoint answers jpeg; the other modes keep every pixel the pipeline (and the input) gave, and a
-    # transparent result needs a format with alpha: PNG unless WebP is asked for.
-    default_format = OutputFormat.JPEG if mode is Mode.EDIT else OutputFormat.PNG
-    if background is Background.TRANSPARENT:
-        default_format = OutputFormat.PNG
+    # The mode's default format (``modes.py``); a transparent result needs a format with alpha: PNG unless WebP is
+    # asked for.
+    default_format = OutputFormat.PNG if background is Background.TRANSPARENT else spec.default_format
     output_format = _output_format(fields.optional("output_format"), default_format)
-    if mode is Mode.LAYERS and output_format is OutputFormat.JPEG:
+    if spec.layered and output_format is OutputFormat.JPEG:
         raise ValidationError("output_format", "jpeg has no alpha channel, which layers need: use png or webp")
-    if mode is Mode.LAYERS and background is Background.OPAQUE:
+    if spec.layered and background is Background.OPAQUE:
         raise ValidationError("background", "opaque cannot be used with layers: each layer is a transparent RGBA image")
     if background is Background.TRANSPARENT and output_format is OutputFormat.JPEG:
         raise ValidationError("output_format", "jpeg has no alpha channel: use png or webp with background transparent")
@@ -339,7 +235,7 @@ def parse_request(
             true_cfg_scale = 1.0
 
     num_images = fields.aliased_integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES)
-    if mode is Mode.LAYERS and num_images != 1:
+    if spec.layered and num_images != 1:
         raise ValidationError(
             _given_name(fields, "num_images") or "num_images",
             "must be 1 with layers: a job decomposes its image once (the layers count sets how many images return)",
@@ -347,15 +243,11 @@ def parse_request(
     control_scale = fields.number(
         "controlnet_conditioning_scale", default=None, low=MIN_CONTROL_SCALE, high=MAX_CONTROL_SCALE
     )
-    if control_scale is not None and mode is not Mode.CONTROLNET:
-        raise ValidationError(
-            "controlnet_conditioning_scale", "applies only to ControlNet (requests with control_image)"
-        )
 
     # Layer decomposition may go without a prompt: the pipeline then captions the input image itself.
     prompt = (
         fields.string("prompt", default="")
-        if mode is Mode.LAYERS
+        if spec.prompt_optional
         else fields.string("prompt", required=True, non_empty=True)
     )
 
@@ -381,13 +273,16 @@ def parse_request(
         sync_mode=fields.boolean("sync_mode", default=False),
         dry_run=fields.boolean("dry_run", default=False),
         strength=strength,
-        mask_url=fields.aliased_url("mask_image") if mode is Mode.INPAINTING else None,
-        expand=_expand(fields) if mode is Mode.OUTPAINTING else None,
+        # A field the mode does not own was refused above: each is read only where it was given.
+        mask_url=fields.aliased_url("mask_image"),
+        expand=_expand(fields) if fields.optional("expand") is not None else None,
         preserve_unmasked=preserve_unmasked if preserve_unmasked is not None else True,
         layers=layers,
         resolution=resolution,
         control_url=(
-            fields.string("control_image", non_empty=True, max_chars=MAX_URL_CHARS) if mode is Mode.CONTROLNET else None
+            fields.string("control_image", non_empty=True, max_chars=MAX_URL_CHARS)
+            if fields.optional("control_image") is not None
+            else None
         ),
         controlnet_conditioning_scale=control_scale if control_scale is not None else 1.0,
         notes=tuple(notes),
@@ -475,48 +370,47 @@ def _image_count(fields: _Fields) -> int:
     return 0 if images is None else 1
 
 
-def _mode(fields: _Fields, image_count: int) -> Mode:
-    """The mode rule (``MODE_RULE``), and the fields another mode owns refused, each naming what would serve it."""
-    selected = [(name, mode) for name, mode in MODE_RULE if _given_name(fields, name) is not None]
-    if not selected:
-        return Mode.EDIT if image_count else Mode.TEXT_TO_IMAGE
-    name, mode = selected[0]
+def _mode(fields: _Fields, image_count: int) -> ModeSpec:
+    """The mode rule (``modes.MODE_RULE``: the first selector given wins, else the input images decide), and the
+    mode's input-image count checked, naming what would serve the request."""
+    selected = next(((name, row) for name, row in MODE_RULE if _given_name(fields, name) is not None), None)
+    if selected is None:
+        return image_mode(image_count)
+    name, spec = selected
     given = _given_name(fields, name) or name
-    if mode is Mode.CONTROLNET:
-        return _controlnet_mode(fields, image_count)
-    if not image_count:
-        raise ValidationError(given, f"needs the input image ('image') for {mode.value}")
-    if image_count > 1:
-        raise ValidationError(
-            "images",
-            f"with several images is for Edit-Plus edits; {mode.value} takes one input image: send it as 'image'",
-        )
-    if mode is Mode.LAYERS:
-        # Every other mode's selector would be silently ignored: refuse it, naming it.
-        for other, other_mode in MODE_RULE[1:]:
-            other_given = _given_name(fields, other)
-            if other_given is not None:
-                raise ValidationError(
-                    other_given, f"cannot be combined with layers: {other_mode.value} and layer decomposition are "
-                    "separate jobs"
-                )
-    if mode is Mode.INPAINTING and fields.optional("expand") is not None:
-        raise ValidationError(
-            "expand", f"cannot be combined with {given}: outpainting builds its own mask from expand; send one of them"
-        )
-    return mode
-
-
-def _controlnet_mode(fields: _Fields, image_count: int) -> Mode:
-    """ControlNet draws from text under the control image's guidance. ControlNet edits and inpainting need other
-    checkpoints, so an input image is refused rather than silently ignored."""
-    if image_count:
+    if spec.max_images == 0 and image_count:
         raise ValidationError(
             "image" if fields.optional("image") is not None else "images",
-            "cannot be combined with control_image: ControlNet serves text-to-image only (the control image guides "
-            "it)",
+            f"cannot be combined with {given}: {spec.mode.value} draws from text and takes no input image",
         )
-    return Mode.CONTROLNET
+    if image_count < spec.min_images:
+        raise ValidationError(given, f"needs the input image ('image') for {spec.mode.value}")
+    if spec.max_images == 1 and image_count > 1:
+        raise ValidationError(
+            "images",
+            f"with several images is for Edit-Plus edits; {spec.mode.value} takes one input image: send it as 'image'",
+        )
+    return spec
+
+
+def _refuse_fields_of_other_modes(fields: _Fields, spec: ModeSpec) -> None:
+    """One rule for every mode: a mode's own field given to another mode is refused, naming the field and the modes
+    it belongs to, so that no field is ever silently dropped. Another mode's selector names the one that won."""
+    selector = _given_name(fields, spec.selector) if spec.selector is not None else None
+    for name, owners in MODE_FIELDS.items():
+        given = _given_name(fields, name)
+        if given is None or spec in owners or fields.optional(given) is NEUTRAL_VALUES.get(name):
+            continue
+        selects = next((row for row in owners if row.selector == name), None)
+        if selects is not None and selector is not None:
+            raise ValidationError(
+                given, f"cannot be combined with {selector}: {selects.mode.value} and {spec.mode.value} are separate "
+                "jobs; send one of them"
+            )
+        # The modes that images alone select (edits) first: the general case before the specific ones.
+        described = [row.description for row in sorted(owners, key=lambda row: row.selector is not None)]
+        listed = described[0] if len(described) == 1 else ", ".join(described[:-1]) + " and " + described[-1]
+        raise ValidationError(given, f"applies only to {listed}")
 
 
 def _given_name(fields: _Fields, canonical: str) -> str | None:
@@ -527,23 +421,20 @@ def _given_name(fields: _Fields, canonical: str) -> str | None:
     return None
 
 
-def _refuse_size_forms(fields: _Fields, mode: Mode) -> None:
+def _refuse_size_forms(fields: _Fields, spec: ModeSpec) -> None:
     forms = _size_forms(fields)
-    if not forms:
+    if not forms or spec.selector is None:
         return
-    if mode is Mode.LAYERS:
-        selector, returns = "layers", "the input's aspect ratio at about resolution x resolution pixels"
-    elif mode is Mode.INPAINTING:
-        selector, returns = _given_name(fields, "mask_image") or "mask_image", "the input image's own dimensions"
-    else:
-        selector, returns = "expand", "the input grown by expand"
-    raise ValidationError(forms[0].split("/")[0], f"cannot be combined with {selector}: {mode.value} returns {returns}")
+    selector = _given_name(fields, spec.selector) or spec.selector
+    raise ValidationError(
+        forms[0].split("/")[0], f"cannot be combined with {selector}: {spec.mode.value} returns {spec.returns}"
+    )
 
 
-def _strength(fields: _Fields, mode: Mode) -> float | None:
+def _strength(fields: _Fields, spec: ModeSpec) -> float | None:
     """Image-to-image's strength (it selects the mode); inpainting and outpainting default to 1 (full repaint)."""
-    if mode not in (Mode.IMAGE_TO_IMAGE, Mode.INPAINTING, Mode.OUTPAINTING):
-        return None  # only reachable without the field: strength selects image-to-image
+    if "strength" not in spec.owns:
+        return None  # the field was refused if given
     value = fields.number("strength", default=None, low=0.0, high=1.0)
     if value is None:
         return 1.0
@@ -552,12 +443,10 @@ def _strength(fields: _Fields, mode: Mode) -> float | None:
     return value
 
 
-def _layers(fields: _Fields, mode: Mode) -> tuple[int | None, int | None]:
-    """Layer decomposition's layer count (it selects the mode) and resolution bucket; resolution alone is refused."""
-    if mode is not Mode.LAYERS:
-        if fields.optional("resolution") is not None:
-            raise ValidationError("resolution", "applies only to layer decomposition (requests with layers)")
-        return None, None
+def _layers(fields: _Fields, spec: ModeSpec) -> tuple[int | None, int | None]:
+    """Layer decomposition's layer count (it selects the mode) and resolution bucket."""
+    if "resolution" not in spec.owns:
+        return None, None  # the fields were refused if given
     layers = fields.integer("layers", default=None, low=MIN_LAYERS, high=MAX_LAYERS)
     resolution = fields.integer("resolution", default=LAYER_RESOLUTIONS[0])
     if resolution not in LAYER_RESOLUTIONS:

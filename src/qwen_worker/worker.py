@@ -20,15 +20,17 @@ from typing import Any, Protocol
 from PIL import Image
 
 from .config import Settings
+from .enums import Mode, OutputFormat
 from .errors import ContentFlaggedError, GenerationError, StorageError, ValidationError, WorkerError
 from .inpainting import MaskedCanvas, PasteBack, inpainting_canvas, outpainting_canvas
 from .loras import LoraStore
 from .media import EncodedImage, ImageLimits, encode_image, flatten_alpha, load_image, load_mask
+from .modes import MODES, SizeRule
 from .profiles import request_rules
 from .response import dry_run_quote, job_result
 from .runner import GenerationJob, PipelineRunner, ProgressCallback
 from .safety import SafetyChecker
-from .schema import GenerationDefaults, Mode, OutputFormat, Request, parse_request
+from .schema import GenerationDefaults, Request, parse_request
 from .sizes import OutputPlan, layered_size, plan_output
 from .storage import InlineStore, ResultStore
 
@@ -230,7 +232,7 @@ class Worker:
         Flagged images are dropped here, before encoding, so they are never stored or returned. Layers are one
         image taken apart: each is checked as a viewer would see it alone (composited on white), and one flagged
         layer refuses the whole job, as the others would still add up to most of the flagged picture."""
-        if request.mode is Mode.LAYERS:
+        if MODES[request.mode].layered:
             pairs = [(request.seed, image) for image in images]  # every layer comes from the one seed
             if not self.safety.applies_to(request):
                 return pairs, None
@@ -262,13 +264,13 @@ class Worker:
 
     def _canvas(self, request: Request, inputs: Sequence[Image.Image]) -> MaskedCanvas | None:
         """Inpainting's image and mask, or outpainting's grown canvas and border; None in the other modes."""
-        if request.mode is Mode.INPAINTING and request.mask_url is not None:
+        if request.mask_url is not None:
             mask = self.fetch_mask(request.mask_url, self.image_limits, field="mask_image")
             canvas = inpainting_canvas(inputs[0], mask)
             if canvas.mask.getbbox() is None:  # binarised: no pixel at or above the threshold
                 raise ValidationError("mask_image", "is black everywhere: nothing to repaint (white = repaint)")
             return canvas
-        if request.mode is Mode.OUTPAINTING and request.expand is not None:
+        if request.expand is not None:
             width, height = request.expand.grown(*inputs[0].size)
             if width * height > self.image_limits.max_pixels:
                 raise ValidationError(
@@ -282,7 +284,8 @@ class Worker:
     def _plan_output(
         self, request: Request, inputs: Sequence[Image.Image], canvas: MaskedCanvas | None
     ) -> OutputPlan:
-        if request.mode is Mode.LAYERS and request.resolution is not None:
+        spec = MODES[request.mode]
+        if spec.size_rule is SizeRule.LAYER_BUCKET and request.resolution is not None:
             # The layered pipeline decides its size from the input's aspect and the resolution bucket.
             size = layered_size(inputs[0].size, request.resolution)
             return OutputPlan(size[0], size[1], size)
@@ -295,10 +298,10 @@ class Worker:
         return plan_output(
             requested,
             reference,
-            match_input_size=request.match_input_size or request.mode.keeps_input_size,
+            match_input_size=request.match_input_size or spec.size_rule is SizeRule.KEEPS_INPUT,
             field="images" if len(inputs) > 1 else "image",
             rules=self.runner.profile_for(request.mode).sizes,
-            multiple=16 if request.mode is Mode.IMAGE_TO_IMAGE else 32,
+            multiple=spec.size_multiple,
         )
 
     def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:
