@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema env-table
+.PHONY: help venv models demo check test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema env-table
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -32,6 +32,11 @@ demo: $(MODELS)/.built ## Text-to-image on test_input.json with the tiny pipelin
 		SAFETY_CHECKER_MODEL=$(MODELS)/safety-checker \
 		DEFAULT_STEPS=2 LOCAL_OUTPUT_DIR=outputs $(PY) handler.py
 	@echo "demo image(s) in outputs/:"; ls -1t outputs | head -n 3
+
+# The deploy check (README, "Memory plan"): what the worker would load with this environment, from where, each
+# component's size and whether it fits the GPU present, or GPU_MEMORY GB; loads no weights. Exit 0: it would start.
+check: $(VENV)/.installed ## Would the worker start here, and fit the GPU (or GPU_MEMORY=80 GB)? Loads no weights
+	HF_HUB_OFFLINE=1 $(PY) handler.py --check $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
 
 # The S3 tests need a local Swift server from Debian's packages; installing it needs root. Without it they skip
 # loudly (and fail under REQUIRE_S3_TESTS=1, as .ci/run sets).

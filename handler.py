@@ -21,6 +21,8 @@ The handler also takes the job shape of Runpod's ``/openai/v1`` route, ``{"opena
 Run ``python handler.py`` for the SDK's local test mode (reads ./test_input.json), ``python handler.py --rp_serve_api``
 for its local HTTP API, and plain ``python -u handler.py`` on Runpod. With ``SERVE=http`` the same command starts the
 HTTP server of a load-balancing endpoint instead (OpenAI's Images API and /runsync on ``PORT``; http_server.py).
+``python handler.py --check [--gpu-memory GB]`` says whether this configuration would start and fit the GPU, without
+loading weights (``qwen_worker.deploy_check``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     import sys
+
+    if "--check" in sys.argv[1:]:
+        from qwen_worker.deploy_check import main as check
+
+        sys.exit(check(sys.argv[1:]))
 
     from qwen_worker.config import ServeSettings
     from qwen_worker.errors import ConfigError
