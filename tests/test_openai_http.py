@@ -313,8 +313,9 @@ def test_a_client_that_leaves_while_waiting_frees_its_place(server):
         b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
     )
+    # Long enough (seconds even on an idle machine) to be still running through the three steps below.
     running = threading.Thread(target=lambda: client.images.generate(
-        prompt="running", size=SMALL, extra_body={"num_inference_steps": 12}))
+        prompt="running", size=SMALL, extra_body={"num_inference_steps": 40}))
     running.start()
     time.sleep(1.0)
     leaver = socket.create_connection(("127.0.0.1", server.port), timeout=10)
@@ -362,8 +363,9 @@ def test_ping_goes_204_then_200_url_is_refused_without_a_bucket_and_sigterm_fini
     assert caught.value.param == "response_format" and "bucket" in caught.value.message
 
     with ThreadPoolExecutor(max_workers=2) as pool:
+        # Long enough (seconds even on an idle machine) to be still running when SIGTERM comes 2 s later.
         running = pool.submit(client.images.generate, prompt="long", size=SMALL,
-                              extra_body={"num_inference_steps": 12})
+                              extra_body={"num_inference_steps": 40})
         time.sleep(1.5)
         waiting = pool.submit(client.images.generate, prompt="waiting", size=SMALL)
         time.sleep(0.5)
