@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := models/tiny
 
-.PHONY: help venv models demo test test-fast lint bench bench-lora clean s3-server image-corpus image-test schema env-table
+.PHONY: help venv models demo check test test-fast lint bench bench-lora bench-step clean s3-server image-corpus image-test schema env-table
 
 # Each target's `## ` comment is its line in `make help`.
 help: ## List the targets, one line each
@@ -32,6 +32,11 @@ demo: $(MODELS)/.built ## Text-to-image on test_input.json with the tiny pipelin
 		SAFETY_CHECKER_MODEL=$(MODELS)/safety-checker \
 		DEFAULT_STEPS=2 LOCAL_OUTPUT_DIR=outputs $(PY) handler.py
 	@echo "demo image(s) in outputs/:"; ls -1t outputs | head -n 3
+
+# The deploy check (README, "Memory plan"): what the worker would load with this environment, from where, each
+# component's size and whether it fits the GPU present, or GPU_MEMORY GB; loads no weights. Exit 0: it would start.
+check: $(VENV)/.installed ## Would the worker start here, and fit the GPU (or GPU_MEMORY=80 GB)? Loads no weights
+	HF_HUB_OFFLINE=1 $(PY) handler.py --check $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
 
 # The S3 tests need a local Swift server from Debian's packages; installing it needs root. Without it they skip
 # loudly (and fail under REQUIRE_S3_TESTS=1, as .ci/run sets).
@@ -73,6 +78,11 @@ bench: $(VENV)/.installed s3-server ## CPU benchmark of everything around the mo
 # a real-width transformer cut to a few blocks (CPU, ~2 min). A benchmark, not a test: see docs/PERFORMANCE.md.
 bench-lora: $(VENV)/.installed ## CPU benchmark of the per-job cost of fast and LoRA jobs (docs/PERFORMANCE.md)
 	$(PY) bench/lora_overhead.py $(BENCH_ARGS)
+
+# Per mode, what a denoising step costs the host (syncs, dispatches per forward, once per call), the worker's job beside
+# stock diffusers' call, on a real-width transformer cut to one block (CPU, minutes). See docs/PERFORMANCE.md.
+bench-step: $(MODELS)/.built ## CPU count of host syncs and dispatches per step, every mode, worker vs diffusers
+	$(PY) bench/step_bench.py $(BENCH_ARGS)
 
 # The soak (tests/test_soak.py): 300+ mixed jobs through one worker, every response checked and RSS growth bounded.
 # A few minutes on 2 cores, so `make test` leaves it out (pyproject's -m "not soak").

@@ -16,7 +16,8 @@ failure answers {"error": str} and the job is FAILED. A worker that could not st
 keeps running and answers every job FAILED with that start-up error, instead of crash-looping.
 
 Run ``python handler.py`` for the SDK's local test mode (reads ./test_input.json), ``python handler.py --rp_serve_api``
-for its local HTTP API, and plain ``python -u handler.py`` on Runpod.
+for its local HTTP API, and plain ``python -u handler.py`` on Runpod. ``python handler.py --check [--gpu-memory GB]``
+says whether this configuration would start and fit the GPU, without loading weights (``qwen_worker.deploy_check``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if "--check" in sys.argv[1:]:
+        from qwen_worker.deploy_check import main
+
+        sys.exit(main(sys.argv[1:]))
     import runpod
 
     _worker = create_worker()  # load the models before the first job, not during it

@@ -2,6 +2,7 @@
 
     tiny_models    {"qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered", "qwen-image-2.1",
                    "safety-checker": folder}, built once
+    real_size_models  the published checkpoints' headers with no data (builder/real_size_models.py), built once
     start_worker   start_worker(**env, timeout=180) -> WorkerProcess: the real worker process, over HTTP (e2e)
     make_worker    make_worker(**env) -> Worker: the same worker in this process, called with worker.handle(job)
     s3_server      the local SigV4 S3 server (scripts/s3_server.py), or a loud skip where Swift is missing
@@ -48,6 +49,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from tiny_models import build_all  # builder/tiny_models.py
 
     return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def real_size_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders laid out like the real repositories whose safetensors files carry the published checkpoints' headers
+    and no data (sparse), for the memory plan: ``builder/real_size_models.py``, built once per session (~20 s)."""
+    from real_size_models import build_all  # builder/real_size_models.py
+
+    return build_all(tmp_path_factory.mktemp("real-size"))
 
 
 @pytest.fixture(scope="session")

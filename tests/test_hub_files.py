@@ -236,28 +236,16 @@ def test_the_image_needs_cuda_13_as_the_files_say():
 
 # ------------------------------------------------------------------ what each preset needs: GPU memory and weights
 
-# GPU bytes of each component in bf16: parameters x 2, counted by building each module from its repository's config
-# on torch's meta device (no weights read; diffusers 0.36 / transformers as pinned):
-#   transformer     QwenImageTransformer2DModel() (diffusers' defaults are Qwen/Qwen-Image's transformer/config.json;
-#                   Qwen-Image-Edit's transformer has the same config): 20,430,401,088 parameters
-#   text_encoder    Qwen2_5_VLForConditionalGeneration with Qwen/Qwen-Image's text_encoder/config.json (Qwen2.5-VL-7B:
-#                   hidden 3584, 28 layers, MLP 18944, vocab 152064; vision 1280 x 32 blocks): 8,292,166,656 parameters
-#   vae             AutoencoderKLQwenImage() (defaults = the repo's vae/config.json): 126,892,531 parameters
-#   safety_checker  StableDiffusionSafetyChecker, CompVis config (CLIP ViT-L/14 vision + projection), loaded in the
-#                   pipelines' dtype: 303,981,845 parameters
-# int8 (TRANSFORMER_QUANT=int8, torchao weight-only): the transformer's Linear weights (20,424,818,688) at one byte
-# plus a bf16 scale per output row (5,548,096 rows), the other 5,582,400 parameters in bf16; fp8 is the same size.
-# helper h3-memplan's src/qwen_worker/memory_plan.py (safetensors headers, exact) is meant to replace this table.
-BF16_BYTES = {
-    "transformer": 40_860_802_176,
-    "text_encoder": 16_584_333_312,
-    "vae": 253_785_062,
-    "safety_checker": 607_963_690,
+# What each preset needs is the worker's own memory plan (src/qwen_worker/memory_plan.py: every component's bytes from
+# its safetensors headers, Lightning copies, LoRA slots, an estimated activation reserve) on stand-ins that carry the
+# published checkpoints' headers and no data (builder/real_size_models.py). Each model id the files name -> its
+# stand-in: Qwen-Image-2512 and the Edit-Plus checkpoints have their family's components and shapes.
+STAND_INS = {
+    "Qwen/Qwen-Image": "qwen-image", "Qwen/Qwen-Image-2512": "qwen-image",
+    "Qwen/Qwen-Image-Edit": "qwen-image-edit", "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit", "Qwen/Qwen-Image-Layered": "qwen-image-layered",
+    "Qwen/Qwen-Image-2.1": "qwen-image-2.1",
 }
-QUANTIZED_TRANSFORMER_BYTES = 20_447_079_680
-# Beyond the weights: users report 61-65 GB in use for Qwen-Image in bf16 at 1024² (QwenLM/Qwen-Image issue 26), i.e.
-# ~4-7 GB over its 57.7 GB of weights; 10 GB leaves room for 1328² and the CUDA context. Not measured here.
-ACTIVATION_RESERVE_BYTES = 10 * 10**9
 # The pipelines each model id loads (every Qwen-Image pipeline these presets name: transformer, text encoder, VAE).
 PIPELINE_COMPONENTS = ("transformer", "text_encoder", "vae")
 MODEL_VARIABLES = ("QWEN_IMAGE_MODEL", "QWEN_IMAGE_EDIT_MODEL", "QWEN_IMAGE_LAYERED_MODEL")
@@ -280,16 +268,24 @@ def served_models(values: dict[str, Any]) -> list[str]:
     return [values[name] for name in MODEL_VARIABLES if values[name] is not None]
 
 
-def need_bytes(values: dict[str, Any]) -> int:
-    """GPU memory the worker takes with these settings: its pipelines' weights (the text encoder and VAE once when
-    SHARE_COMPONENTS, as Qwen-Image and -Edit ship identical files), the checker, and the activation reserve."""
-    pipelines = len(served_models(values))
-    transformer = QUANTIZED_TRANSFORMER_BYTES if values["TRANSFORMER_QUANT"] != "none" else BF16_BYTES["transformer"]
-    copies = 1 if values["SHARE_COMPONENTS"] else pipelines
-    total = pipelines * transformer + copies * (BF16_BYTES["text_encoder"] + BF16_BYTES["vae"])
-    if values["SAFETY_CHECKER"] != "off":
-        total += BF16_BYTES["safety_checker"]
-    return total + ACTIVATION_RESERVE_BYTES
+def need_bytes(overrides: dict[str, Any], real: dict[str, Path]) -> int:
+    """GPU bytes the worker's memory plan says a Hub deploy with ``overrides`` takes, as configured (no plan of
+    MEMORY_PLAN=auto's: a preset must fit as it is)."""
+    from qwen_worker.app import configured_pipelines, memory_setup
+    from qwen_worker.memory_plan import make_report
+
+    values = hub_env(overrides)
+    env = hub_env_text(overrides)
+    for name in MODEL_VARIABLES:
+        env[name] = str(real[STAND_INS[values[name]]]) if values[name] is not None else "none"
+    if values["SAFETY_CHECKER_MODEL"] != "none":
+        env["SAFETY_CHECKER_MODEL"] = str(real["safety-checker"])
+    settings = Settings.from_env(env)
+    report = make_report(
+        memory_setup(settings, configured_pipelines(settings)), element_bytes=2, available=None, available_source="",
+        mode="check", configured_quant=settings.acceleration.quant, fp8_supported=True,
+    )
+    return report.configured.gpu_bytes
 
 
 def smallest_pool_bytes() -> int:
@@ -298,23 +294,24 @@ def smallest_pool_bytes() -> int:
 
 
 @pytest.mark.parametrize("preset", HUB["config"]["presets"], ids=lambda preset: preset["name"])
-def test_every_preset_fits_every_gpu_pool_the_listing_allows(preset):
+def test_every_preset_fits_every_gpu_pool_the_listing_allows(preset, real_size_models):
     """Hub presets share the listing's gpuIds, so each preset must fit the smallest pool listed."""
-    need = need_bytes(hub_env(preset["defaults"]))
+    need = need_bytes(preset["defaults"], real_size_models)
     assert need <= smallest_pool_bytes(), f"{preset['name']} needs {need / 1e9:.1f} GB"
 
 
-def test_the_hub_tests_fit_their_gpu():
-    need = need_bytes(hub_env({entry["key"]: entry["value"] for entry in TESTS["config"]["env"]}))
+def test_the_hub_tests_fit_their_gpu(real_size_models):
+    need = need_bytes({entry["key"]: entry["value"] for entry in TESTS["config"]["env"]}, real_size_models)
     assert need <= GPU_TYPES[TESTS["config"]["gpuTypeId"]] * 10**9
 
 
-def test_the_memory_check_is_not_vacuous():
+def test_the_memory_check_is_not_vacuous(real_size_models):
     """Both pipelines in bf16 (the old "H200" preset) do not fit an 80 GB card; one does; both in int8 do."""
     both = {"QWEN_IMAGE_MODEL": "Qwen/Qwen-Image", "QWEN_IMAGE_EDIT_MODEL": "Qwen/Qwen-Image-Edit"}
-    assert 80 * 10**9 < need_bytes(hub_env({**both, "TRANSFORMER_QUANT": "none"})) <= 141 * 10**9
-    assert need_bytes(hub_env({**both, "TRANSFORMER_QUANT": "int8"})) <= 80 * 10**9
-    assert need_bytes(hub_env({"QWEN_IMAGE_MODEL": "Qwen/Qwen-Image", "QWEN_IMAGE_EDIT_MODEL": "none"})) <= 80 * 10**9
+    real = real_size_models
+    assert 80 * 10**9 < need_bytes({**both, "TRANSFORMER_QUANT": "none"}, real) <= 141 * 10**9
+    assert need_bytes({**both, "TRANSFORMER_QUANT": "int8"}, real) <= 80 * 10**9
+    assert need_bytes({"QWEN_IMAGE_MODEL": "Qwen/Qwen-Image", "QWEN_IMAGE_EDIT_MODEL": "none"}, real) <= 80 * 10**9
     assert GPU_POOLS["AMPERE_80"] == 80
 
 

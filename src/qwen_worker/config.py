@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from .acceleration import ATTENTION_BACKENDS, AccelerationSettings, parse_step_cache
 from .errors import ConfigError, ValidationError
+from .memory_plan import MEMORY_PLANS
 from .quantization import QUANT_MODES
 from .schema import parse_size
 
@@ -124,6 +125,12 @@ class Settings:
 
     # Load a component two pipelines share (identical files) once: Qwen-Image and -Edit share ~17 GB.
     share_components: bool = True
+
+    # The memory plan at start-up (memory_plan.py): "check" refuses a setup that does not fit the GPU, "auto" loads
+    # the least lossy plan that fits, "off" compares nothing. A size in GB plans against it instead of the GPU's
+    # free memory: a share of a GPU, or a rehearsal where there is no GPU.
+    memory_plan: str = "check"
+    memory_plan_gpu_gb: float | None = None
 
     # Progress: sent to Runpod while denoising, only when the SDK has somewhere to send it.
     report_progress: bool = False
@@ -466,6 +473,20 @@ VARIABLES: tuple[Variable, ...] = (
         "SHARE_COMPONENTS", "boolean", field="share_components",
         doc="load a component both pipelines have with identical files (the Qwen2.5-VL text encoder and VAE, "
         "~17 GB) once",
+    ),
+    Variable(
+        "MEMORY_PLAN", "choice", field="memory_plan", choices=MEMORY_PLANS,
+        doc="the memory plan at start-up (see \"Memory plan: which setup fits which GPU\"): `check` refuses a setup "
+        "that does not fit the GPU's free memory (every job fails with what it needs, what the GPU has and what would "
+        "fit); `auto` loads the least lossy plan that fits (bf16, then `fp8` where the GPU has compute capability "
+        "8.9+ else `int8`, then the text encoder on the CPU, then model CPU offload) and names it in the log and in "
+        "every result's `notes`; `off` compares nothing (the plan is still logged)",
+    ),
+    Variable(
+        "MEMORY_PLAN_GPU_GB", "number", field="memory_plan_gpu_gb", low=0.001, high=100_000.0,
+        default_note="(the GPU's free memory)",
+        doc="plan against this many GB instead of what the GPU reports free: a share of a GPU, or a rehearsal on a "
+        "machine without one",
     ),
     Variable(
         "ATTENTION_BACKEND", "choice", field="acceleration.attention_backend", choices=ATTENTION_BACKENDS,

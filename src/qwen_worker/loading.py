@@ -112,6 +112,7 @@ def load_pipeline(
     pool: ComponentPool | None = None,
     acceleration: AccelerationSettings = AccelerationSettings(),
     lora_slot_rank: int = 0,
+    offload: str = "none",
 ) -> LoadedPipeline:
     """Load one pipeline folder onto ``device``. Raises ConfigError with the model id on any failure.
 
@@ -120,6 +121,8 @@ def load_pipeline(
     rather than loaded twice. ``lightning`` names the fast-mode LoRA files for this pipeline; they are read and
     applied now, once (``adapters.py``): a bad file stops the worker instead of failing jobs, and no job reads them.
     ``lora_slot_rank`` (LORA_SLOT_RANK) builds the LoRA slots of ``lora_slots.py``; 0 builds none.
+    ``offload`` (the memory plan's, ``memory_plan.py``): ``text_encoder`` keeps the text encoder on the CPU, ``model``
+    loads everything on the CPU and lets diffusers move one model at a time to the GPU.
     """
     import diffusers
 
@@ -144,7 +147,9 @@ def load_pipeline(
     try:
         index = json.loads((model.path / "model_index.json").read_text())
         components = {
-            name: pool.load(model, name, library, class_name, device)
+            name: pool.load(
+                model, name, library, class_name, _component_device(name, device, offload), dtype_for(device)
+            )
             for name, (library, class_name) in _model_components(index).items()
         }
         processor_class = _processor_class(index)
@@ -158,7 +163,7 @@ def load_pipeline(
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"Could not load model {model.model_id} from {model.path}: {err}") from err
-    pipeline.to(device)  # a no-op for components already there; moves nothing large twice
+    _place(pipeline, device, offload)
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker's log
     # The order matters: Lightning is fused before quantizing (peft cannot merge into quantized weights); the
     # resident copies are made after it (they share the quantized weights) and before any hook or compilation.
@@ -190,6 +195,8 @@ def load_pipeline(
         for tree in trees:
             with swapped_transformer(pipeline, tree):
                 warm_up(pipeline, acceleration.warmup_sizes, edit=task is Task.EDIT)
+    if offload == "model" and device.type == "cuda":
+        pipeline.enable_model_cpu_offload(device=device)  # last: the copies and hooks above see the CPU weights
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", model.model_id, model.pipeline_class, device, seconds)
     # A compiled transformer that was not warmed up (the layered pipeline) compiles each size on first use.
@@ -197,6 +204,37 @@ def load_pipeline(
     return LoadedPipeline(
         model, pipeline, task, multi_image, lightning, fast, compiled_sizes, acceleration.batched_cfg, slots
     )
+
+
+def _component_device(name: str, device: torch.device, offload: str) -> torch.device:
+    """Where a component is loaded: the CPU when the memory plan keeps it (or, with model offload, all) there."""
+    if offload == "model" or (offload == "text_encoder" and name == "text_encoder"):
+        return torch.device("cpu")
+    return device
+
+
+def _place(pipeline: Any, device: torch.device, offload: str) -> None:
+    """Move the pipeline's modules to ``device``, but for what the memory plan keeps on the CPU.
+
+    ``text_encoder``: the text encoder stays on the CPU behind accelerate's ``AlignDevicesHook``, which runs it
+    there and hands its outputs back on the device of its inputs (the pipeline's execution device). ``model``:
+    nothing moves now (``enable_model_cpu_offload`` moves each model in when it runs)."""
+    if offload == "model":
+        return
+    if offload != "text_encoder" or getattr(pipeline, "text_encoder", None) is None:
+        pipeline.to(device)  # a no-op for components already there; moves nothing large twice
+        return
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module) and name != "text_encoder":
+            module.to(device)
+    # The pipeline's execution device (where prompts are tokenized to and latents made) stays the GPU's: diffusers
+    # takes it from the first module of its components, the VAE in every Qwen-Image pipeline, which has no hook.
+    encoder = pipeline.text_encoder
+    if not hasattr(encoder, "_hf_hook"):  # a text encoder two pipelines share is hooked once
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(encoder, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
+        log.info("text encoder kept on the CPU (memory plan)")
 
 
 def derive_pipeline(loaded: LoadedPipeline, class_name: str, **extra_modules: Any) -> Any:
@@ -291,7 +329,11 @@ class ComponentPool:
         self._configured.add(id(module))
         return True
 
-    def load(self, model: ResolvedModel, name: str, library: str, class_name: str, device: torch.device) -> Any:
+    def load(
+        self, model: ResolvedModel, name: str, library: str, class_name: str, device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> Any:
+        """The component, from the pool or loaded on ``device`` in ``dtype`` (default: the device's own)."""
         folder = model.path / name
         if self.share:
             for loaded_class, loaded_folder, module in self._loaded:
@@ -300,7 +342,7 @@ class ComponentPool:
                     return module
         started = time.perf_counter()
         component_class = getattr(importlib.import_module(library), class_name)
-        kwargs: dict[str, Any] = {"dtype": dtype_for(device), "local_files_only": True}
+        kwargs: dict[str, Any] = {"dtype": dtype or dtype_for(device), "local_files_only": True}
         if device.type == "cuda":
             kwargs["device_map"] = "cuda"  # load shards straight onto the GPU, skipping a CPU copy
         module = component_class.from_pretrained(folder, **kwargs)

@@ -28,14 +28,15 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import AutoImageProcessor
-from transformers.image_processing_utils import BaseImageProcessor
+
+if TYPE_CHECKING:  # imported where a checker is loaded: an endpoint with SAFETY_CHECKER=off never needs them
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import ConfigError
 
@@ -84,6 +85,9 @@ class SafetyChecker:
     @classmethod
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
         """Load the checker in ``folder`` (offline) onto ``device`` in ``dtype``, or raise ConfigError."""
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import AutoImageProcessor
+
         folder = Path(folder)
         started = time.perf_counter()
         try:

@@ -97,6 +97,7 @@ class Worker:
         fetch_image: ImageFetcher = load_image,
         fetch_mask: ImageFetcher = load_mask,
         encode: ImageEncoder = encode_image,
+        notes: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -109,6 +110,7 @@ class Worker:
         self.fetch_image = fetch_image
         self.fetch_mask = fetch_mask
         self.encode = encode
+        self.notes = list(notes)  # what every result says about this worker (the memory plan MEMORY_PLAN=auto chose)
         self.image_limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, settings.image_fetch_timeout_seconds
         )
@@ -182,6 +184,8 @@ class Worker:
         )
         if warning:
             result["warning"] = warning
+        if self.notes:
+            result["notes"] = [*result.get("notes", []), *self.notes]
         log.info(
             "job %s: %s %dx%d x%d seed=%d steps=%d timings_ms=%s",
             job_id, request.mode.value, encoded[0].width, encoded[0].height, len(encoded), request.seed,
