@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -331,8 +332,6 @@ def _without_nulls(raw: Mapping[Any, Any]) -> dict[Any, Any]:
     return {key: inner(value) for key, value in raw.items() if value is not None or key not in _FIELDS}
 
 
-# The published schema, read for the bounds a range error names (both ends, whichever was crossed).
-_REQUEST_SCHEMA = request_schema()
 _LORA_ENTRY_RULE = 'must be an object {"path": string, "scale": number}'
 _EXPAND_RULE = f'must be an object {{"left", "right", "top", "bottom"}} of pixels, each 0 to {MAX_EXPAND}'
 _IMAGE_SIZE_OBJECT_RULE = "as an object must be exactly {\"width\": int, \"height\": int}"
@@ -414,14 +413,22 @@ def _range_error(loc: Sequence[str | int], kind: str, value: Any) -> ValidationE
     return ValidationError(field, f"must be between {low:g} and {high:g}, got {preview(value)}")
 
 
+@functools.cache
+def _published_schema() -> dict[str, Any]:
+    """The published request schema, read for the bounds a range error names (both ends, whichever was crossed);
+    built on the first such error, not at import."""
+    return request_schema()
+
+
 def _declared(loc: Sequence[str | int]) -> dict[str, Any]:
     """The published schema of the value at ``loc`` (its non-null branch)."""
-    node: dict[str, Any] = _REQUEST_SCHEMA
+    root = _published_schema()
+    node: dict[str, Any] = root
     for part in loc:
         node = node["items"] if isinstance(part, int) else node["properties"][part]
         node = next((branch for branch in node.get("anyOf", [node]) if branch.get("type") != "null"), node)
         if "$ref" in node:
-            node = _REQUEST_SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[1]]
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[1]]
     return node
 
 
