@@ -134,4 +134,8 @@ ENV QWEN_IMAGE_MODEL=${QWEN_IMAGE_MODEL} \
     AWS_EC2_METADATA_DISABLED=true \
     PIP_NO_CACHE_DIR=1
 
+# One image, two ways to serve, chosen at run time by SERVE: the queue worker (default), or with SERVE=http the HTTP
+# server of a load-balancing endpoint (README "OpenAI Images API"), on PORT (80) with /ping on PORT_HEALTH (PORT).
+# The queue worker listens on nothing; EXPOSE only documents the HTTP server's default port.
+EXPOSE 80
 CMD ["python", "-u", "handler.py"]

@@ -15,36 +15,67 @@ Output: {"image_url": str, "cost": float, "images": [{"url", "seed", "width", "h
 failure answers {"error": str} and the job is FAILED. A worker that could not start (a missing model, a bad variable)
 keeps running and answers every job FAILED with that start-up error, instead of crash-looping.
 
+The handler also takes the job shape of Runpod's ``/openai/v1`` route, ``{"openai_route": "/v1/images/generations",
+"openai_input": {...}}``, and answers OpenAI's response object (openai_api.py).
+
 Run ``python handler.py`` for the SDK's local test mode (reads ./test_input.json), ``python handler.py --rp_serve_api``
-for its local HTTP API, and plain ``python -u handler.py`` on Runpod. ``python handler.py --check [--gpu-memory GB]``
-says whether this configuration would start and fit the GPU, without loading weights (``qwen_worker.deploy_check``).
+for its local HTTP API, and plain ``python -u handler.py`` on Runpod. With ``SERVE=http`` the same command starts the
+HTTP server of a load-balancing endpoint instead (OpenAI's Images API and /runsync on ``PORT``; http_server.py).
+``python handler.py --check [--gpu-memory GB]`` says whether this configuration would start and fit the GPU, without
+loading weights (``qwen_worker.deploy_check``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwen_worker.app import StartupFailure, create_worker
-from qwen_worker.worker import Worker
+if TYPE_CHECKING:
+    from qwen_worker.app import StartupFailure
+    from qwen_worker.worker import Worker
 
 _worker: Worker | StartupFailure | None = None
 
 
+# The worker's modules (torch, diffusers) are imported where they are used, not here: with SERVE=http the server
+# answers /ping (204, loading) while they are still being imported.
 def handler(job: dict[str, Any]) -> dict[str, Any]:
+    from qwen_worker.app import create_worker
+    from qwen_worker.openai_api import handle_job
+
     global _worker
     if _worker is None:
         _worker = create_worker()
-    return _worker.handle(job)
+    return handle_job(_worker, job)
 
 
-if __name__ == "__main__":
+def main() -> None:
     import sys
 
     if "--check" in sys.argv[1:]:
-        from qwen_worker.deploy_check import main
+        from qwen_worker.deploy_check import main as check
 
-        sys.exit(main(sys.argv[1:]))
+        sys.exit(check(sys.argv[1:]))
+
+    from qwen_worker.config import ServeSettings
+    from qwen_worker.errors import ConfigError
+
+    global _worker
+    try:
+        serve = ServeSettings.from_env()
+    except ConfigError as err:  # nothing can answer without knowing how to serve: say why and stop
+        sys.exit(f"The worker cannot start: {err}")
+    if serve.mode == "http":
+        from qwen_worker.http_server import serve as serve_http
+
+        serve_http(serve)
+        return
     import runpod
+
+    from qwen_worker.app import create_worker
 
     _worker = create_worker()  # load the models before the first job, not during it
     runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
     tiny_models    {"qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered", "qwen-image-2.1",
                    "safety-checker": folder}, built once
     real_size_models  the published checkpoints' headers with no data (builder/real_size_models.py), built once
-    start_worker   start_worker(**env, timeout=180) -> WorkerProcess: the real worker process, over HTTP (e2e)
+    start_worker   start_worker(**env, timeout=180) -> WorkerProcess: the real worker process, over HTTP (e2e);
+                   http=True: the load-balancing HTTP server (SERVE=http); wait=False: launched, not awaited
     make_worker    make_worker(**env) -> Worker: the same worker in this process, called with worker.handle(job)
     s3_server      the local SigV4 S3 server (scripts/s3_server.py), or a loud skip where Swift is missing
 
@@ -71,10 +72,12 @@ def start_worker(tiny_models, tmp_path_factory) -> Iterator[Callable[..., Worker
     """
     started: list[WorkerProcess] = []
 
-    def start(*, timeout: float = 180, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(tiny_worker_env(tiny_models, **env), tmp_path_factory.mktemp("worker") / "worker.log")
+    def start(*, timeout: float = 180, http: bool = False, wait: bool = True, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(
+            tiny_worker_env(tiny_models, **env), tmp_path_factory.mktemp("worker") / "worker.log", http=http
+        )
         started.append(worker)
-        return worker.start(timeout=timeout)
+        return worker.start(timeout=timeout) if wait else worker.launch()
 
     yield start
     for worker in started:

@@ -66,6 +66,34 @@ class BucketSettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """How the process serves: Runpod's queue (the SDK pulls jobs) or its own HTTP server for a load-balancing
+    endpoint (http_server.py). ``from_env`` reads only these rows, before the rest, so that an HTTP server whose
+    models cannot be configured or loaded still starts and answers why (``/ping`` 503) instead of exiting."""
+
+    mode: str = "queue"  # "queue" | "http"
+    host: str = "0.0.0.0"  # every interface: Runpod's load balancer reaches the container from outside
+    # Runpod's contract for load-balancing workers: the app on PORT (default 80), GET /ping on PORT_HEALTH (default
+    # PORT).
+    port: int = 80
+    port_health: int | None = None  # None: PORT
+    # Requests that may wait while one job runs (one GPU, one job at a time); more are answered 429 + Retry-After.
+    max_waiting: int = 2
+    # Runpod's load balancer carries requests of up to 30 MB; a larger body is refused (413) before it is read.
+    max_body_bytes: int = 30 * 1000 * 1000
+
+    @property
+    def health_port(self) -> int:
+        return self.port if self.port_health is None else self.port_health
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
+        env = os.environ if env is None else env
+        attributes = {var.field: var.read(env) for var in VARIABLES if var.field and var.field.startswith("serve.")}
+        return cls(**_nested(attributes, "serve"))
+
+
+@dataclass(frozen=True)
 class Settings:
     """The worker's configuration. Build it with ``Settings.from_env()``; tests pass their own mapping."""
 
@@ -138,6 +166,9 @@ class Settings:
     # Logging: the runpod SDK defaults to DEBUG, which logs every job's whole output.
     runpod_log_level: str = "INFO"
 
+    # Queue worker or HTTP server (handler.py reads these first, on their own: ServeSettings.from_env).
+    serve: ServeSettings = ServeSettings()
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Every row of ``VARIABLES`` parsed (a bad value raises a ConfigError naming its variable), then the named
@@ -154,6 +185,7 @@ class Settings:
             acceleration=_acceleration_settings(values, _nested(attributes, "acceleration")),
             # The SDK posts progress to this URL; locally it is unset and each post would only log an error.
             report_progress=bool(values["RUNPOD_WEBHOOK_POST_OUTPUT"]),
+            serve=ServeSettings(**_nested(attributes, "serve")),
         )
         if settings.t2i_model is None and settings.edit_model is None and settings.layered_model is None:
             raise ConfigError(
@@ -540,6 +572,29 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "RUNPOD_LOG_LEVEL", "choice", field="runpod_log_level", choices=LOG_LEVELS,
         doc="the SDK's log level (its own default, DEBUG, logs whole job outputs)",
+    ),
+    Variable(
+        "SERVE", "choice", field="serve.mode", choices=("queue", "http"),
+        doc="`queue`: Runpod's queue worker (the SDK pulls jobs); `http`: the HTTP server of a load-balancing "
+        "endpoint (OpenAI's Images API and `/runsync`; see \"OpenAI Images API\")",
+    ),
+    Variable(
+        "PORT", "integer", field="serve.port", low=1, high=65535,
+        doc="`SERVE=http`: the port the server listens on (Runpod's variable)",
+    ),
+    Variable(
+        "PORT_HEALTH", "integer", field="serve.port_health", low=1, high=65535, default_note="(`PORT`)",
+        doc="`SERVE=http`: the port of `GET /ping` (Runpod's variable); the same server answers on both",
+    ),
+    Variable("SERVE_HOST", "text", field="serve.host", doc="`SERVE=http`: the address to listen on"),
+    Variable(
+        "SERVE_MAX_WAITING", "integer", field="serve.max_waiting", low=0, high=1000,
+        doc="`SERVE=http`: requests that may wait while one job runs; more are answered 429 with `Retry-After`",
+    ),
+    Variable(
+        "SERVE_MAX_BODY_BYTES", "integer", field="serve.max_body_bytes", low=1024, high=1 << 34,
+        doc="`SERVE=http`: largest request body (Runpod's load balancer carries 30 MB); larger is 413, refused "
+        "before it is read",
     ),
 )
 

@@ -1,14 +1,14 @@
-"""The request and the result declared for clients, as pydantic models whose JSON Schema is published in
-``schema/request.schema.json`` and ``schema/result.schema.json`` (``make schema`` regenerates them).
+"""The request and the result, declared as pydantic models. ``RequestInput`` is what ``schema.parse_request``
+validates every job's input with (strict types, forbidden extras, aliases, ranges) and what
+``schema/request.schema.json`` is generated from (``make schema``), so the published JSON Schema and the validator
+are one object; ``schema/result.schema.json`` comes from the result models.
 
-The worker itself parses with ``schema.parse_request`` (its messages name the field, the rule and a suggestion);
-these models are the machine-readable description of the same contract, built from the parser's own constants, and
-tests/test_contract.py holds the two in step: every field, alias, type, range and choice declared here is probed
-against the parser (the bounds accepted, one past them refused naming the field), the README's parameter table is
-checked against it in every column, and real results and quotes are validated against the result models.
-
-Per-model rules (2.1's sizes and 10 references, card defaults) and per-mode rules (which fields go together,
-``modes.py``) are not expressible per field; the descriptions say where they apply.
+JSON null means "absent" for every field (the parser drops nulls before validating). Rules that are not per field run
+in ``schema.py`` as named steps after validation: aliases agreeing, one size form, the mode rule and a mode's own
+fields (``modes.py``), fast mode's fixed steps, strength -> steps, the choices (case-insensitive) and per-model rules
+(2.1's sizes and 10 references, card defaults); the descriptions say where they apply. tests/test_contract.py probes
+every declared range, choice and type against ``parse_request`` and checks the README's parameter table against the
+schema in every column; real results and quotes are validated against the result models.
 """
 
 from __future__ import annotations
@@ -16,35 +16,43 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from .enums import Background, FastMode, OutputFormat
 from .profiles import MAX_EDIT_IMAGES
-from .schema import (
-    LAYER_RESOLUTIONS,
-    MAX_CFG,
-    MAX_CONTROL_SCALE,
-    MAX_EXPAND,
-    MAX_LAYERS,
-    MAX_LORA_SCALE,
-    MAX_LORAS,
-    MAX_NUM_IMAGES,
-    MAX_PROMPT_CHARS,
-    MAX_STEPS,
-    MAX_URL_CHARS,
-    MIN_CFG,
-    MIN_CONTROL_SCALE,
-    MIN_LAYERS,
-    MIN_LORA_SCALE,
-    SEED_LIMIT,
-)
 from .sizes import ASPECT_RATIOS, FAL_PRESETS, REPLICATE_SIZE_MODES
+
+SEED_LIMIT = 2**32
+MAX_STEPS = 100
+MIN_CFG, MAX_CFG = 1.0, 20.0
+MAX_NUM_IMAGES = 4
+MAX_LORAS = 3
+MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
+# Stops absurd payloads early; the text encoder's window is far smaller, see runner.MAX_PROMPT_TOKENS.
+MAX_PROMPT_CHARS = 10_000
+MAX_URL_CHARS = 28_000_000  # a data URI of MAX_IMAGE_BYTES (20 MB) in base64
+MAX_EXPAND = 1024  # pixels added on one side when outpainting
+MIN_LAYERS, MAX_LAYERS = 2, 10  # layer decomposition: the layers asked for (Qwen-Image-Layered's card: 3-10 work best)
+MIN_CONTROL_SCALE, MAX_CONTROL_SCALE = 0.0, 2.0  # controlnet_conditioning_scale
+LAYER_RESOLUTIONS = (640, 1024)  # the only two buckets QwenImageLayeredPipeline accepts; the card advises 640
+EXPAND_SIDES = ("left", "right", "top", "bottom")
 
 # Qwen-Image-2.1 takes up to 10 reference images; other edit models MAX_EDIT_IMAGES (the runner refuses the rest).
 MAX_REFERENCE_IMAGES = 10
 MAX_LORA_PATH_CHARS = 4096
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "must not be empty")
+    return value
+
+
+NotBlank = AfterValidator(_not_blank)
 
 ImageReference = Annotated[
     str,
@@ -53,12 +61,12 @@ ImageReference = Annotated[
         max_length=MAX_URL_CHARS,
         description="an http(s) URL, a data:image/...;base64, URI, or bare base64 (PNG, JPEG, WebP, GIF, BMP, TIFF)",
     ),
+    NotBlank,
 ]
 CfgScale = Annotated[float, Field(ge=MIN_CFG, le=MAX_CFG, description="true CFG scale; 1 turns true CFG off")]
 ImageCount = Annotated[int, Field(ge=1, le=MAX_NUM_IMAGES, description="images per job; image i uses seed + i")]
 LoraScale = Annotated[float, Field(ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE)]
 Side = Annotated[int, Field(ge=0, le=MAX_EXPAND)]
-
 
 
 def _choice_of(*values: str | int) -> WithJsonSchema:
@@ -76,7 +84,7 @@ LayerResolution = Annotated[int, _choice_of(*LAYER_RESOLUTIONS)]
 
 class LoraEntry(BaseModel):
     model_config = _STRICT
-    path: Annotated[str, Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)] = Field(
+    path: Annotated[str, Field(min_length=1, max_length=MAX_LORA_PATH_CHARS), NotBlank] = Field(
         description="a local .safetensors file, a path on the network volume, or an https:// URL"
     )
     scale: LoraScale = 1.0
@@ -103,9 +111,12 @@ class RequestInput(BaseModel):
     form at most. A mode's own fields (strength, mask_image, expand, layers, control_image...) are refused in
     another mode, naming the field and the mode it belongs to."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, title="Qwen-Image worker request (the job's input)")
+    # Python's re, as schema.parse_size's: Rust's regex disagrees on what \s and \d match.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, regex_engine="python-re", title="Qwen-Image worker request (the job's input)"
+    )
 
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = Field(
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
         None, description="required, non-empty; optional with layers (the model then captions the image)"
     )
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
@@ -150,7 +161,7 @@ class RequestInput(BaseModel):
     expand: ExpandSides | None = Field(None, description="selects outpainting")
     preserve_unmasked: bool = True
     loras: Annotated[list[LoraEntry], Field(max_length=MAX_LORAS)] = []
-    lora_weights: Annotated[str, Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)] | None = Field(
+    lora_weights: Annotated[str, Field(min_length=1, max_length=MAX_LORA_PATH_CHARS), NotBlank] | None = Field(
         None, description="Replicate's single LoRA, as one loras entry"
     )
     lora_scale: LoraScale | None = Field(None, description="with lora_weights only")

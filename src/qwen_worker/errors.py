@@ -10,6 +10,8 @@ traceback and answered with a generic "internal error" message (never the traceb
     ├── LoraError                    a requested LoRA could not be fetched or applied
     ├── ContentFlaggedError          the safety checker flagged the input or every generated image
     ├── TaskNotServedError           the endpoint has no pipeline for this task (e.g. no edit model configured)
+    │   └── FastModeUnavailableError a fast mode (Lightning) this endpoint does not have; ``fused`` names the one it
+    │                                serves only, when its Lightning LoRA is fused
     ├── GenerationError              the pipeline failed while generating
     ├── ResultTooLargeError          an inline result would exceed the cap Runpod accepts
     └── StorageError                 the result could not be stored (bucket down, access denied, …)
@@ -58,11 +60,29 @@ class LoraError(WorkerError):
 
 
 class ContentFlaggedError(WorkerError):
-    """The safety checker flagged what the job would have delivered (or its input); nothing was stored."""
+    """The safety checker flagged what the job would have delivered (or its input); nothing was stored.
+
+    ``field`` is what was flagged: ``prompt`` for generated images, the input's field (``image``, ``images[1]``)
+    for a flagged input."""
+
+    def __init__(self, message: str, *, field: str = "prompt") -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class TaskNotServedError(WorkerError):
     """The request asks for a task this endpoint was not configured to serve."""
+
+
+class FastModeUnavailableError(TaskNotServedError):
+    """The request asks for a fast mode (or, on a fused endpoint, for none) that this endpoint cannot run.
+
+    ``fused`` is the only fast mode served ("regular" or "high") when the endpoint's Lightning LoRA is fused into its
+    model, else None. The OpenAI route uses it to fall back to what the endpoint has (its ``quality`` field)."""
+
+    def __init__(self, message: str, *, fused: str | None = None) -> None:
+        self.fused = fused
+        super().__init__(message)
 
 
 class GenerationError(WorkerError):

@@ -27,7 +27,13 @@ from PIL import Image
 
 from .acceleration import BatchedTrueCFG
 from .enums import Background, FastMode, Mode, Task
-from .errors import ConfigError, GenerationError, TaskNotServedError, ValidationError
+from .errors import (
+    ConfigError,
+    FastModeUnavailableError,
+    GenerationError,
+    TaskNotServedError,
+    ValidationError,
+)
 from .inpainting import MaskedCanvas
 from .loading import LoadedPipeline, derive_pipeline, lightning_variable
 from .lora_files import PreparedLoraCache
@@ -206,19 +212,20 @@ class PipelineRunner:
                 f"{loaded.model.pipeline_class}",
             )
         if loaded.fast.fused is not None and request.fast_mode is not loaded.fast.fused:
-            raise TaskNotServedError(
+            raise FastModeUnavailableError(
                 f"This endpoint serves only fast mode ({loaded.fast.fused.value}) for {request.mode.value}: its "
                 "Lightning LoRA is fused into the model (LIGHTNING_FUSE=true). Send the request with "
-                + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".')
+                + ("go_fast: true." if loaded.fast.fused is FastMode.REGULAR else 'acceleration: "high".'),
+                fused=loaded.fast.fused.value,
             )
         if request.fast_mode is not FastMode.NONE and not loaded.profile.lightning:
-            raise TaskNotServedError(
+            raise FastModeUnavailableError(
                 f"Fast mode ({request.fast_mode.value}) does not exist for {loaded.profile.name}: there is no "
                 "Lightning LoRA for it. Send the request without go_fast/acceleration."
             )
         if request.fast_mode is not FastMode.NONE and loaded.lightning.for_mode(request.fast_mode) is None:
             variable = lightning_variable(loaded.task, request.fast_mode)
-            raise TaskNotServedError(
+            raise FastModeUnavailableError(
                 f"Fast mode ({request.fast_mode.value}) is not installed on this endpoint: its Lightning LoRA file is "
                 f"not configured ({variable}). Send the request without go_fast/acceleration."
             )

@@ -2,7 +2,9 @@
 
 ``Worker.handle(job)`` never raises: a ``WorkerError`` becomes ``{"error": "<readable string>"}`` (Runpod marks the
 job FAILED), and anything unexpected is logged with its traceback and answered with a generic error, so the worker
-process keeps serving the next job.
+process keeps serving the next job. ``Worker.run`` is the same job raising its ``WorkerError`` instead, for callers
+that answer errors in another shape (the OpenAI routes, ``openai_api.py``); ``Worker.check`` validates an input
+without doing any work.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class Worker:
         job_id = raw_id[:128] if isinstance(raw_id, str) and raw_id else "job"
         started = time.perf_counter()
         try:
-            result = self._run(job, job_id)
+            result = self.run(job, job_id)
         except GenerationError as err:
             log.warning("job %s failed: %s", job_id, err)
             # refresh_worker: the SDK stops this worker after the job, and Runpod starts a fresh one.
@@ -136,7 +138,24 @@ class Worker:
         log.info("job %s done in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
         return result
 
-    def _run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+    def check(self, raw_input: Any) -> None:
+        """Validate a job's ``input`` against the request rules and what this endpoint serves, as ``run`` does first;
+        raises ``WorkerError``. No download, no GPU work: cheap enough to answer a bad request before it queues."""
+        self.runner.check_request(parse_request(raw_input, self._rules_for))
+
+    def served_models(self) -> dict[str, list[Mode]]:
+        """Each loaded model's id (a repo id or a folder, as configured) and the modes it serves here."""
+        models: dict[str, list[Mode]] = {}
+        for mode in Mode:
+            try:
+                _route, loaded = self.runner.route_for(mode)
+            except WorkerError:
+                continue
+            models.setdefault(loaded.model.model_id, []).append(mode)
+        return models
+
+    def run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+        """One job, raising ``WorkerError`` where ``handle`` answers ``{"error"}``."""
         request = parse_request(job.get("input"), self._rules_for)
         self.runner.check_request(request)
         timings: dict[str, float] = {}
@@ -292,9 +311,10 @@ class Worker:
     def _refuse_flagged_inputs(self, inputs: Sequence[Image.Image]) -> None:
         flags = self.safety.check(inputs)
         if any(flags):
-            names = ", ".join("image" if len(inputs) == 1 else f"images[{i}]" for i, f in enumerate(flags) if f)
+            flagged = ["image" if len(inputs) == 1 else f"images[{i}]" for i, f in enumerate(flags) if f]
             raise ContentFlaggedError(
-                f"the input image ({names}) was flagged by the safety checker; nothing was generated"
+                f"the input image ({', '.join(flagged)}) was flagged by the safety checker; nothing was generated",
+                field=flagged[0],
             )
 
     def _resolve_loras(self, request: Request) -> list[tuple[Path, float]]:
