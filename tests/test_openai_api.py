@@ -10,7 +10,7 @@ import io
 import pytest
 from PIL import Image
 from support.images import photo_like, to_bytes
-from support.lora_files import lightning_and_style
+from synthetic_loras import lightning_and_style
 
 from qwen_worker import openai_api
 from qwen_worker.openai_api import EDITS, GENERATIONS, ImageInput, OpenAIError, prepare
