@@ -5,10 +5,10 @@ A benchmark, not a test. Each measurement is a fresh process (``--repeat`` times
 
 - **floor**: ``python -c`` importing what a job needs: torch and diffusers' Qwen-Image classes (the pipeline, its
   transformer and VAE, transformers' Qwen2.5-VL), which pull in some optional packages themselves;
-- **worker**: what ``python handler.py`` does before its first job, split into *imports* (``import handler``:
-  the worker's modules and the runpod SDK), *construction* (``create_worker()``: the tiny pipelines loaded through
-  the worker's ``load_pipeline``, the modes built) and *warm-up* (the first text-to-image job, 2 steps; compiled
-  endpoints warm up inside construction);
+- **worker**: what ``python handler.py`` does before its first job, split into *imports* (``import handler``,
+  the runpod SDK and ``qwen_worker.app``, as ``handler.main()`` does), *construction* (``create_worker()``: the
+  tiny pipelines loaded through the worker's ``load_pipeline``, the modes built) and *warm-up* (the first
+  text-to-image job, 2 steps; compiled endpoints warm up inside construction);
 - the packages the worker has imported when ready that the floor does not import, with ``-X importtime``'s own
   time of each (what the endpoint may not need at start-up);
 - dtype conversions while loading: every ``_to_copy``/``copy_`` between floating dtypes dispatched during
@@ -42,7 +42,9 @@ FLOOR = (
 WORKER = r"""
 import json, sys, time
 started = time.perf_counter()
-import handler
+import handler  # noqa: F401  (its own imports: the module the image's CMD runs)
+import runpod  # noqa: F401  (what handler.main() imports before loading, on the queue path)
+from qwen_worker.app import create_worker
 imported = time.perf_counter()
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -62,7 +64,7 @@ class Conversions(TorchDispatchMode):
         return func(*args, **kwargs)
 
 with Conversions():
-    worker = handler.create_worker()
+    worker = create_worker()
 constructed = time.perf_counter()
 answer = worker.handle({"id": "warm-up", "input": {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 1}})
 warmed = time.perf_counter()
