@@ -15,12 +15,14 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
 from PIL import Image
+from support.file_server import file_server
 from support.images import photo_like, to_bytes
 from support.s3 import s3_client
 from support.worker_process import free_port
@@ -30,7 +32,8 @@ SMALL = "256x256"
 
 def client_for(server, **options) -> openai.OpenAI:
     # No retries: the SDK would retry 429 and 5xx on its own and hide what the server answered.
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="rp-test-key", max_retries=0, timeout=300, **options)
+    options = {"max_retries": 0, "timeout": 300, **options}
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="rp-test-key", **options)
 
 
 def image_of(item) -> Image.Image:
@@ -79,7 +82,10 @@ def test_generate_two_images_as_base64(client):
     assert images[0].tobytes() != images[1].tobytes()  # seeds 11 and 12
     assert [item.model_extra["seed"] for item in response.data] == [11, 12]
     assert (response.size, response.output_format, response.quality, response.background) == (
-        SMALL, "png", "high", "opaque"
+        SMALL,
+        "png",
+        "high",
+        "opaque",
     )
     assert response.model_extra["cost"] == pytest.approx(2 * 256 * 256 / 1e6 * 0.02)
     assert response.created > 0
@@ -254,36 +260,62 @@ def test_oversized_chunked_body_is_refused_once_it_passes_the_limit(server):
             yield b"x" * 100_000
         yield b"\r\n--abc--\r\n"
 
-    answer = requests.post(server.url + "/v1/images/edits", data=chunks(), timeout=60,
-                           headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    answer = requests.post(
+        server.url + "/v1/images/edits",
+        data=chunks(),
+        timeout=60,
+        headers={"Content-Type": "multipart/form-data; boundary=abc"},
+    )
     assert answer.status_code == 413
 
 
 @pytest.mark.parametrize(
     "content_type, body",
     [
-        ("multipart/form-data; boundary=abc", b"--abc\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx"),
+        ("multipart/form-data; boundary=abc", b'--abc\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx'),
         ("multipart/form-data", b"no boundary at all"),
         (
             "multipart/form-data; boundary=abc",
             b"".join(
                 b'--abc\r\nContent-Disposition: form-data; name="image[]"; filename="a.png"\r\n\r\nxx\r\n'
                 for _ in range(20)
-            ) + b"--abc--\r\n",
+            )
+            + b"--abc--\r\n",
         ),
         ("application/json", b"{not json"),
     ],
     ids=["truncated", "no-boundary", "too-many-files", "bad-json"],
 )
 def test_malformed_bodies_are_400_and_the_next_request_is_served(server, client, content_type, body):
-    answer = requests.post(server.url + "/v1/images/edits", data=body, headers={"Content-Type": content_type},
-                           timeout=60)
+    answer = requests.post(
+        server.url + "/v1/images/edits", data=body, headers={"Content-Type": content_type}, timeout=60
+    )
     assert answer.status_code == 400, answer.text
     assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
     assert client.images.generate(prompt="still here", size=SMALL).data
 
 
 # --- backpressure ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_job(server) -> Iterator[Future]:
+    """An edit that runs (holds the GPU's one place) until the block ends: its input image is served by a file server
+    that answers only then. Yields the future of its response, once the worker is downloading that image, so the
+    test's steps happen while it runs on any machine, however fast."""
+    release = threading.Event()
+    with file_server() as files, ThreadPoolExecutor(max_workers=1) as pool:
+        url = files.add("/held.png", to_bytes(photo_like(256, 256)))
+        files.routes["/held.png"].hold = release
+        body = {"prompt": "held", "images": [{"image_url": url}], "size": SMALL}
+        running = pool.submit(requests.post, server.url + "/v1/images/edits", json=body, timeout=300)
+        try:
+            files.wait_for_request("/held.png")
+            yield running
+        finally:
+            release.set()
+        answer = running.result(timeout=300)
+        assert answer.status_code == 200, answer.text  # the held job itself completes
 
 
 def test_overload_is_answered_429_with_retry_after_and_every_accepted_request_completes(server):
@@ -295,38 +327,50 @@ def test_overload_is_answered_429_with_retry_after_and_every_accepted_request_co
         except openai.RateLimitError as err:
             return err
 
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        results = list(pool.map(one, range(6)))
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        with held_job(server):
+            crowd = [pool.submit(one, index) for index in range(5)]
+            # The one waiting place goes to one of them; the other four are refused at once, while the job runs.
+            deadline = time.monotonic() + 60
+            while sum(future.done() for future in crowd) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sum(future.done() for future in crowd) == 4
+        results = [future.result(timeout=300) for future in crowd]
     refused = [r for r in results if isinstance(r, openai.RateLimitError)]
     served = [r for r in results if not isinstance(r, openai.RateLimitError)]
-    assert len(refused) + len(served) == 6
-    assert refused and len(served) >= 2  # one running, one waiting at least
+    assert (len(refused), len(served)) == (4, 1)
     assert all(int(err.response.headers["Retry-After"]) >= 1 for err in refused)
     assert all(err.code == "rate_limit_exceeded" for err in refused)
-    assert all(image_of(r.data[0]).size == (256, 256) for r in served)
+    assert image_of(served[0].data[0]).size == (256, 256)  # the waiting one ran once the held job finished
 
 
 def test_a_client_that_leaves_while_waiting_frees_its_place(server):
-    client = client_for(server)
-    body = json.dumps({"prompt": "slow", "size": SMALL, "num_inference_steps": 12}).encode()
+    body = json.dumps({"prompt": "slow", "size": SMALL}).encode()
     head = (
         b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
     )
-    # Long enough (seconds even on an idle machine) to be still running through the three steps below.
-    running = threading.Thread(target=lambda: client.images.generate(
-        prompt="running", size=SMALL, extra_body={"num_inference_steps": 40}))
-    running.start()
-    time.sleep(1.0)
-    leaver = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    leaver.sendall(head + body)  # waits behind the running job: the one waiting place is taken
-    time.sleep(1.0)
-    with pytest.raises(openai.RateLimitError):
-        client.images.generate(prompt="no room", size=SMALL)
-    leaver.close()
-    time.sleep(1.0)
-    assert client.images.generate(prompt="room again", size=SMALL).data  # admitted: the leaver's place is free
-    running.join(timeout=300)
+    # A client with a short timeout: a request that is admitted waits behind the held job and times out; one refused
+    # is answered 429 at once. Which of the two happens is then the server's decision alone, not the machine's speed.
+    impatient = client_for(server, timeout=3)
+    with held_job(server):
+        leaver = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        leaver.sendall(head + body)  # waits behind the held job: the one waiting place is taken
+        time.sleep(1.0)  # for the server to read it: a local request to an idle event loop
+        with pytest.raises(openai.RateLimitError):
+            impatient.images.generate(prompt="no room", size=SMALL)
+        leaver.close()
+        deadline = time.monotonic() + 30
+        while True:  # until the server has noticed the leaver is gone (promptly: it listens for the disconnect)
+            try:
+                impatient.images.generate(prompt="room again", size=SMALL)
+            except openai.APITimeoutError:
+                break  # admitted: it waited behind the held job, in the place the leaver gave up
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the leaver's place was never freed"
+                time.sleep(0.2)
+            else:
+                raise AssertionError("served while the held job still ran")
 
 
 # --- the native contract over HTTP -------------------------------------------------------------------------------
@@ -346,8 +390,15 @@ def test_runsync_answers_runpods_shape(server):
 # --- start-up, shutdown, failure ----------------------------------------------------------------------------------
 
 
-def test_ping_goes_204_then_200_url_is_refused_without_a_bucket_and_sigterm_finishes_the_running_job(start_worker):
-    process = start_worker(http=True, wait=False)
+def test_ping_goes_204_then_200_url_is_refused_without_a_bucket_and_sigterm_finishes_the_running_job(
+    start_worker, tiny_models
+):
+    process = start_worker(
+        http=True,
+        wait=False,
+        QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]),
+        RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="true",
+    )
     codes: list[int] = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and codes[-1:] != [200]:
@@ -362,18 +413,14 @@ def test_ping_goes_204_then_200_url_is_refused_without_a_bucket_and_sigterm_fini
         client.images.generate(prompt="a cat", response_format="url")
     assert caught.value.param == "response_format" and "bucket" in caught.value.message
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # Long enough (seconds even on an idle machine) to be still running when SIGTERM comes 2 s later.
-        running = pool.submit(client.images.generate, prompt="long", size=SMALL,
-                              extra_body={"num_inference_steps": 40})
-        time.sleep(1.5)
+    with held_job(process) as running, ThreadPoolExecutor(max_workers=1) as pool:
         waiting = pool.submit(client.images.generate, prompt="waiting", size=SMALL)
-        time.sleep(0.5)
+        time.sleep(1.0)  # for the server to read it: a local request to an idle event loop
         process.process.send_signal(signal.SIGTERM)
-        assert image_of(running.result(timeout=300).data[0]).size == (256, 256)  # the running job finished
         with pytest.raises(openai.InternalServerError) as refused:
             waiting.result(timeout=60)
         assert refused.value.status_code == 503 and "shutting down" in refused.value.message
+        assert not running.done()  # still held: SIGTERM did not cut it; held_job checks it completes
     assert process.process.wait(timeout=60) == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(process.url + "/ping", timeout=2)
@@ -417,4 +464,3 @@ def test_queue_worker_takes_runpods_openai_job_shape(start_worker):
 
         refused = worker.runsync({"openai_route": "/v1/images/generations", "openai_input": {"prompt": "x", "n": 9}})
         assert refused["status"] == "FAILED" and refused["error"].startswith("Invalid parameter: n ")
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,12 @@ class Route:
     content_type: str = "application/octet-stream"
     headers: dict[str, str] = field(default_factory=dict)
     send_length: bool = True  # False: no Content-Length, so only a streaming cap can stop an oversized body
+    # Set: the answer waits until the event is set (bounded by HOLD_LIMIT_S), so a test decides when a job that
+    # downloads this file can go on: a job held "running" for exactly as long as the test needs, on any machine.
+    hold: threading.Event | None = None
+
+
+HOLD_LIMIT_S = 120
 
 
 class FileServer:
@@ -31,6 +38,8 @@ class FileServer:
                 if route is None:
                     self.send_error(404)
                     return
+                if route.hold is not None:
+                    route.hold.wait(HOLD_LIMIT_S)
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 if route.send_length:
@@ -53,6 +62,14 @@ class FileServer:
     def add(self, path: str, body: bytes, content_type: str = "image/png", **kwargs: object) -> str:
         self.routes[path] = Route(body, content_type=content_type, **kwargs)  # type: ignore[arg-type]
         return self.url(path)
+
+    def wait_for_request(self, path: str, timeout: float = 60) -> None:
+        """Returns once ``path`` has been requested (a held route: its downloader is now waiting on it)."""
+        deadline = time.monotonic() + timeout
+        while not any(seen.split("?", 1)[0] == path for seen in self.requests):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} was not requested within {timeout} s; requests: {self.requests}")
+            time.sleep(0.05)
 
     def start(self) -> None:
         self._thread.start()
