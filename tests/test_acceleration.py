@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 
 import numpy as np
@@ -69,16 +70,56 @@ def test_step_cache_is_repeatable_and_really_skips_work(make_worker, reference, 
     assert not np.array_equal(pixels(first), reference)  # a trade-off: the image is not the reference one
 
 
+def data_uri(width: int, height: int, seed: int = 0) -> str:
+    return "data:image/png;base64," + base64.b64encode(to_bytes(photo_like(width, height, seed), "PNG")).decode()
+
+
+def graphs_compiled_by(worker, jobs: dict[str, dict]) -> dict[str, int]:
+    """Per job (all must complete): the graphs dynamo compiled while it ran."""
+    from torch._dynamo.utils import counters
+
+    compiled = {}
+    for name, job in jobs.items():
+        before = counters["stats"]["unique_graphs"]
+        output = worker.handle({"id": name, "input": job})
+        assert "error" not in output, output
+        compiled[name] = counters["stats"]["unique_graphs"] - before
+    return compiled
+
+
 @pytest.mark.slow
-def test_regional_compilation_matches_the_reference_and_warms_up_at_start(make_worker, reference, caplog):
+def test_regional_compilation_matches_the_reference_and_no_job_compiles_after_start(make_worker, reference, caplog):
+    env = {"SAFETY_CHECKER": "off", "DEFAULT_STEPS": "4", "COMPILE": "regional", "COMPILE_WARMUP_SIZES": "256*256"}
     with caplog.at_level(logging.INFO, logger="qwen_worker"):
-        compiled, other_size = run(
-            make_worker, jobs=(JOB, {**JOB, "size": "320*256"}), COMPILE="regional", COMPILE_WARMUP_SIZES="256*256"
-        )
-    assert np.abs(pixels(compiled) - reference).max() <= 1
-    assert "warm-up 256x256 took" in caplog.text
-    assert "size 320x256 was not warmed up" in caplog.text and "size 256x256 was not warmed up" not in caplog.text
-    assert other_size["width"] == 320
+        worker = make_worker(**env, LORA_SLOT_RANK="0")
+    # One size asked for: the warm-up adds a second length (half height), which compiles the dynamic graph.
+    assert "warm-up 256x256 took" in caplog.text and "warm-up 256x128 took" in caplog.text
+    compiled = graphs_compiled_by(worker, {"warmed": JOB, "other size": {**JOB, "size": "320*256"}})
+    assert compiled == {"warmed": 0, "other size": 0}
+    assert "was not warmed up" not in caplog.text
+    assert np.abs(pixels(worker.handle({"id": "again", "input": JOB})) - reference).max() <= 1
+
+
+@pytest.mark.slow
+def test_a_compiled_edit_plus_endpoint_compiles_nothing_for_any_reference_count(make_worker, tiny_models, caplog):
+    """Edit-Plus appends each reference's tokens to the image sequence, so the reference count is a shape of its
+    own: the warm-up runs 2 references too, after which 1, 2 or 3 references of any aspect, at any size, reuse the
+    graphs compiled at start-up. Without that call the first 2-reference job compiled a graph (issue 25)."""
+    with caplog.at_level(logging.INFO, logger="qwen_worker"):
+        worker = make_worker(
+            QWEN_IMAGE_MODEL="none", QWEN_IMAGE_EDIT_MODEL=str(tiny_models["qwen-image-edit-plus"]),
+            SAFETY_CHECKER="off", COMPILE="regional", COMPILE_WARMUP_SIZES="256*256", LORA_SLOT_RANK="0",
+        )  # fmt: skip
+    assert "warm-up 256x256 with 2 reference(s) of aspect 1 took" in caplog.text
+    edit = {"prompt": "a cat", "size": "256*256"}
+    compiled = graphs_compiled_by(worker, {
+        "1 reference": {**edit, "image": data_uri(96, 96)},
+        "2 references": {**edit, "images": [data_uri(96, 96), data_uri(96, 96, 1)]},
+        "3 references": {**edit, "images": [data_uri(96, 96), data_uri(96, 96, 1), data_uri(96, 64, 2)]},
+        "a 3:2 reference": {**edit, "image": data_uri(96, 64)},
+        "another size": {**edit, "image": data_uri(96, 96), "size": "320*256"},
+    })  # fmt: skip
+    assert set(compiled.values()) == {0}, compiled
 
 
 @pytest.fixture

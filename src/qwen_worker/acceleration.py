@@ -11,15 +11,17 @@
                        out mask-less kernels (FlashAttention-3), so measure it together with ATTENTION_BACKEND.
                        Not combinable with STEP_CACHE, whose caches are per pass.
     COMPILE            off (default) | regional: torch.compile of the repeated transformer block, warmed up at start
-                       for COMPILE_WARMUP_SIZES ("1024*1024,1328*1328") so no user request pays the compile; other
-                       sizes compile on first use (logged). Every transformer tree (plain, Lightning copies, LoRA
-                       slots) is compiled and warmed, so switching between them compiles nothing (lora_slots.py).
+                       for COMPILE_WARMUP_SIZES ("1024*1024,1328*1328") and one more shape (warm_up_calls), so no
+                       user request pays a compile, whatever its size or reference count. Every transformer tree
+                       (plain, Lightning copies, LoRA slots) is compiled and warmed, so switching between them
+                       compiles nothing (lora_slots.py). The layered pipeline (sized by its input) is not warmed:
+                       its first two jobs of new sizes compile (logged).
 
 Which of these win is a GPU question (docs/PERFORMANCE.md); equivalence to the reference is tested on the CPU.
 
 Who uses what: ``loading.py`` applies the options to each transformer once (``apply_acceleration``, ``warm_up``) and
 records on the ``LoadedPipeline`` the two that matter per job; ``runner.py`` reads those (``BatchedTrueCFG`` around
-true-CFG jobs, a log line for a size that was not warmed up). Nothing else knows these options exist.
+true-CFG jobs, a log line for a job that compiles). Nothing else knows these options exist.
 """
 
 from __future__ import annotations
@@ -199,23 +201,75 @@ def _pad_and_stack(*parts: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[to
     return torch.cat(texts), torch.cat(masks)
 
 
-def warm_up(pipeline: Any, sizes: tuple[tuple[int, int], ...], *, edit: bool) -> None:
-    """Run each warm-up size once (2 steps, with true CFG as by default) so compilation happens at start-up."""
+@dataclass(frozen=True)
+class WarmUpCall:
+    """One warm-up call: the output size and the edit's reference images (none: text-to-image)."""
+
+    width: int
+    height: int
+    references: int = 0
+    reference_aspect: float = 1.0  # width / height of each reference; the edit pipelines resize them to ~1 MP by it
+
+    def describe(self) -> str:
+        if not self.references:
+            return f"{self.width}x{self.height}"
+        return f"{self.width}x{self.height} with {self.references} reference(s) of aspect {self.reference_aspect:g}"
+
+
+def warm_up_calls(
+    sizes: tuple[tuple[int, int], ...], *, draws: bool, references: int, edits: bool
+) -> tuple[WarmUpCall, ...]:
+    """The calls that compile, per transformer tree, every graph a job of this pipeline can need.
+
+    A compiled block's graph is specialised to the length of the image sequence it saw first; the first call with
+    another length recompiles it with that length dynamic (dynamo's automatic dynamic shapes), and that graph then
+    serves every other length: other sizes, other reference counts, other reference aspect ratios (measured: one
+    graph after a 1-reference warm-up, none after it, for 2 and 3 references, a 3:2 reference and another size). So
+    the warm-up runs each size once (the static graphs of the common sizes) and then one call with a second length,
+    after which no job compiles:
+
+    - ``draws`` (the pipeline takes text-to-image jobs): each size drawn; an edit-only pipeline edits one reference
+      at each size instead.
+    - ``edits`` with ``references`` > 1 (Edit-Plus, 2.1): 2 references at the first size, the shape of the usual
+      multi-image job (and, for a pipeline that also draws, its edit path warmed at all);
+    - ``edits`` with one reference: a 2:1 reference at the first size (another ~1 MP token count);
+    - text-to-image only, with a single size: the first size at half height.
+    """
+    first_width, first_height = sizes[0]
+    calls = [WarmUpCall(width, height, 0 if draws else 1) for width, height in sizes]
+    if edits and references > 1:
+        calls.append(WarmUpCall(first_width, first_height, 2))
+    elif edits:
+        calls.append(WarmUpCall(first_width, first_height, 1, reference_aspect=2.0))
+    elif len({width * height for width, height in sizes}) == 1:
+        calls.append(WarmUpCall(first_width, max(16, first_height // 32 * 16)))
+    return tuple(calls)
+
+
+def warm_up(pipeline: Any, calls: tuple[WarmUpCall, ...]) -> None:
+    """Run each warm-up call once (2 steps, with true CFG as by default) so compilation happens at start-up."""
     from PIL import Image  # imported here: PIL is needed only when compiling
 
-    for width, height in sizes:
+    for call in calls:
         started = time.perf_counter()
-        extra = {"image": Image.new("RGB", (width, height), (128, 128, 128))} if edit else {}
+        side = 512  # the pipelines resize references to ~1 MP by aspect ratio: their pixel size does not matter
+        reference = Image.new("RGB", (round(side * call.reference_aspect), side), (128, 128, 128))
+        if call.references == 1:
+            extra: dict[str, Any] = {"image": reference}
+        elif call.references:
+            extra = {"image": [reference] * call.references}
+        else:
+            extra = {}
         with torch.inference_mode():
             pipeline(
                 prompt="warm-up",
                 negative_prompt=" ",
                 true_cfg_scale=4.0,
                 num_inference_steps=2,
-                width=width,
-                height=height,
+                width=call.width,
+                height=call.height,
                 generator=torch.Generator("cpu").manual_seed(0),
                 output_type="latent",
                 **extra,
             )
-        log.info("warm-up %dx%d took %.1f s", width, height, time.perf_counter() - started)
+        log.info("warm-up %s took %.1f s", call.describe(), time.perf_counter() - started)

@@ -548,7 +548,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "COMPILE_WARMUP_SIZES", "sizes", field="acceleration.warmup_sizes",
-        doc="sizes compiled before the first job; others compile on first use (logged)",
+        doc="sizes compiled as their own graphs before the first job; with one more warm-up call (a second image "
+        "length) they leave a graph that serves every other size and reference count, so no job compiles",
     ),
     Variable(
         "SAFETY_CHECKER", "choice", choices=("on", "always", "off"),

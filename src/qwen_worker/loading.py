@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .acceleration import AccelerationSettings, allow_graphs, apply_acceleration, warm_up
+from .acceleration import AccelerationSettings, allow_graphs, apply_acceleration, warm_up, warm_up_calls
 from .adapters import FastModes, fuse_lightning, resident_lightning
 from .enums import FastMode, Task
 from .errors import ConfigError
@@ -72,7 +72,8 @@ class LoadedPipeline:
     """A pipeline ready for jobs, with what the runner needs to know about it.
 
     ``compiled_sizes`` and ``batched_cfg`` are the two speed options (``acceleration.py``) that matter per job: the
-    runner logs a size that was not warmed up, and wraps true-CFG jobs in batched CFG.
+    runner logs a job that compiles (a size not warmed up, before ``compiled_any_shape``), and wraps true-CFG jobs in
+    batched CFG.
     """
 
     model: ResolvedModel
@@ -82,6 +83,8 @@ class LoadedPipeline:
     lightning: LightningFiles = field(default_factory=LightningFiles)
     fast: FastModes = field(default_factory=FastModes)  # the Lightning files, applied once (adapters.py)
     compiled_sizes: set[tuple[int, int]] | None = None  # None: not compiled; else the sizes compiled so far
+    # A graph that serves every image-sequence length is compiled (acceleration.warm_up_calls): no job compiles.
+    compiled_any_shape: bool = False
     batched_cfg: bool = False
     slots: LoraSlots | None = None  # user LoRAs written in place per job (lora_slots.py); None: loaded per job
     startup_seconds: dict[str, float] = field(default_factory=dict)  # per preparing step (prepare_pipeline)
@@ -294,19 +297,25 @@ def _warm_up(step: _PrepareStep, loaded: LoadedPipeline) -> None:
     if not acceleration.compile:
         return
     # The layered pipeline sizes from an input image and takes no width/height, so the warm-up's sizes mean nothing
-    # to it: its first job of each size compiles instead (it counts as compiled, with no size warmed up).
+    # to it: its first jobs compile instead (it counts as compiled, with no size warmed up; runner.py logs them).
     if loaded.task is Task.LAYERS:
         loaded.compiled_sizes = set()
         return
     # Each tree is its own graph: warm them all (plain, each fast mode, and each one's LoRA slot copy), so no
     # fast or LoRA job pays a compilation either.
     trees = [loaded.pipeline.transformer, *loaded.extra_trees()]
-    # Per tree, a graph per warm-up size at most, and one more for a size compiled later.
-    allow_graphs(len(trees) * (len(acceleration.warmup_sizes) + 1))
+    profile = loaded.profile
+    calls = warm_up_calls(
+        acceleration.warmup_sizes, draws=Task.TEXT_TO_IMAGE in profile.tasks,
+        references=profile.max_reference_images, edits=profile.max_reference_images > 0,
+    )  # fmt: skip
+    # Per tree, a graph per warm-up call at most, and one spare for a shape dynamo still tells apart.
+    allow_graphs(len(trees) * (len(calls) + 1))
     for tree in trees:
         with swapped_transformer(loaded.pipeline, tree):
-            warm_up(loaded.pipeline, acceleration.warmup_sizes, edit=loaded.task is Task.EDIT)
+            warm_up(loaded.pipeline, calls)
     loaded.compiled_sizes = set(acceleration.warmup_sizes)
+    loaded.compiled_any_shape = True  # warm_up_calls ends with a second sequence length: the dynamic graph
 
 
 def _offload(step: _PrepareStep, loaded: LoadedPipeline) -> None:

@@ -302,9 +302,14 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
 
 
 def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
-    if loaded.compiled_sizes is not None and (job.width, job.height) not in loaded.compiled_sizes:
-        loaded.compiled_sizes.add((job.width, job.height))
-        log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
+    """Logs a job that compiles: only where no warm-up ran (the layered pipeline), for its first two lengths."""
+    compiled = loaded.compiled_sizes
+    if compiled is None or loaded.compiled_any_shape or (job.width, job.height) in compiled:
+        return
+    compiled.add((job.width, job.height))
+    # The second length compiles the graph with the length dynamic, which serves every length after it.
+    loaded.compiled_any_shape = len({width * height for width, height in compiled}) > 1
+    log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
 
 
 def _batching(pipeline: Any, loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
