@@ -309,7 +309,7 @@ def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
     compiled.add((job.width, job.height))
     # The second length compiles the graph with the length dynamic, which serves every length after it.
     loaded.compiled_any_shape = len({width * height for width, height in compiled}) > 1
-    log.info("size %dx%d was not warmed up: this job compiles it (COMPILE_WARMUP_SIZES)", job.width, job.height)
+    log.info("size %dx%d was not warmed up: this job may compile a graph (COMPILE_WARMUP_SIZES)", job.width, job.height)
 
 
 def _batching(pipeline: Any, loaded: LoadedPipeline, request: Request) -> AbstractContextManager[Any]:
