@@ -69,9 +69,8 @@ def main() -> None:
 
         serve_http(serve)
         return
-    import runpod
-
     from qwen_worker.app import create_worker
+    from qwen_worker.runpod_sdk import runpod
 
     _worker = create_worker()  # load the models before the first job, not during it
     runpod.serverless.start({"handler": handler})

@@ -43,7 +43,7 @@ WORKER = r"""
 import json, sys, time
 started = time.perf_counter()
 import handler  # noqa: F401  (its own imports: the module the image's CMD runs)
-import runpod  # noqa: F401  (what handler.main() imports before loading, on the queue path)
+from qwen_worker.runpod_sdk import runpod  # noqa: F401  (what handler.main() imports before loading, on the queue path)
 from qwen_worker.app import create_worker
 imported = time.perf_counter()
 import torch

@@ -45,7 +45,7 @@ def configure_logging(settings: Settings) -> None:
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     # The SDK's own default is DEBUG, which logs every job's whole output (base64 images included).
-    from runpod.serverless.modules.rp_logger import RunPodLogger
+    from .runpod_sdk import RunPodLogger
 
     RunPodLogger().set_level(settings.runpod_log_level)
 

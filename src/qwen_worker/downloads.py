@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import requests
-from runpod.serverless.utils import rp_ssrf
+
+from .runpod_sdk import rp_ssrf
 
 CHUNK_BYTES = 64 * 1024
 

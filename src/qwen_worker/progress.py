@@ -35,7 +35,7 @@ class StepProgress:
 
 
 def runpod_sender() -> Sender:
-    from runpod.serverless import progress_update
+    from .runpod_sdk import progress_update
 
     sender: Sender = progress_update  # (job, update) -> None, as the SDK documents it
     return sender
