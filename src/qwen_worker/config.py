@@ -353,7 +353,7 @@ VARIABLES: tuple[Variable, ...] = (
         "transformer is another ~41 GB in bf16, while its Qwen2.5-VL text encoder (~16.6 GB) is loaded once with the "
         "other pipelines' when the files are identical (`SHARE_COMPONENTS`); its VAE (RGBA) is its own. `layers` "
         "requests without it fail naming this variable. `COMPILE` does not warm it up (it takes no width/height): its "
-        "first job of each size compiles",
+        "first jobs may compile (at most two graphs: a static one, then one for every other size)",
     ),
     Variable(
         "QWEN_IMAGE_CONTROLNET_MODEL", "model", field="controlnet_model", default_note="(no ControlNet)",
