@@ -302,7 +302,7 @@ def _call_arguments(served: ServedMode, job: GenerationJob, on_progress: Progres
 
 
 def _note_uncompiled_size(loaded: LoadedPipeline, job: GenerationJob) -> None:
-    """Logs a job that compiles: only where no warm-up ran (the layered pipeline), for its first two lengths."""
+    """Logs a job that may compile: only where no warm-up ran (the layered pipeline), for its first two lengths."""
     compiled = loaded.compiled_sizes
     if compiled is None or loaded.compiled_any_shape or (job.width, job.height) in compiled:
         return
