@@ -49,9 +49,8 @@ def test_the_sdk_import_starts_no_cpuinfo_interpreter_and_keeps_the_processor_na
     from qwen_worker.runpod_sdk import cpu_brand
 
     assert ours["processor"] == cpu_brand()["brand_raw"]
-    assert ours["processor"] and "Unable" not in ours["processor"]  # the brand was found in /proc/cpuinfo here
-    if plain["processor"] != "Unable to get processor info.":
-        assert ours["processor"].split() == plain["processor"].split()  # the same string py-cpuinfo gives
+    if plain["processor"] != "Unable to get processor info.":  # where py-cpuinfo finds a brand, ours is the same
+        assert ours["processor"].split() == plain["processor"].split()
 
 
 def test_no_module_but_runpod_sdk_imports_the_sdk():
