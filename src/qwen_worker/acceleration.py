@@ -15,7 +15,7 @@
                        user request pays a compile, whatever its size or reference count. Every transformer tree
                        (plain, Lightning copies, LoRA slots) is compiled and warmed, so switching between them
                        compiles nothing (lora_slots.py). The layered pipeline (sized by its input) is not warmed:
-                       its first two jobs of new sizes compile (logged).
+                       its first two jobs of new sizes may compile (logged).
 
 Which of these win is a GPU question (docs/PERFORMANCE.md); equivalence to the reference is tested on the CPU.
 
@@ -216,9 +216,7 @@ class WarmUpCall:
         return f"{self.width}x{self.height} with {self.references} reference(s) of aspect {self.reference_aspect:g}"
 
 
-def warm_up_calls(
-    sizes: tuple[tuple[int, int], ...], *, draws: bool, references: int, edits: bool
-) -> tuple[WarmUpCall, ...]:
+def warm_up_calls(sizes: tuple[tuple[int, int], ...], *, draws: bool, references: int) -> tuple[WarmUpCall, ...]:
     """The calls that compile, per transformer tree, every graph a job of this pipeline can need.
 
     A compiled block's graph is specialised to the length of the image sequence it saw first; the first call with
@@ -230,16 +228,16 @@ def warm_up_calls(
 
     - ``draws`` (the pipeline takes text-to-image jobs): each size drawn; an edit-only pipeline edits one reference
       at each size instead.
-    - ``edits`` with ``references`` > 1 (Edit-Plus, 2.1): 2 references at the first size, the shape of the usual
-      multi-image job (and, for a pipeline that also draws, its edit path warmed at all);
-    - ``edits`` with one reference: a 2:1 reference at the first size (another ~1 MP token count);
-    - text-to-image only, with a single size: the first size at half height.
+    - ``references`` (the most an edit takes; 0: no edits) > 1 (Edit-Plus, 2.1): 2 references at the first size, the
+      shape of the usual multi-image job (and, for a pipeline that also draws, its edit path warmed at all);
+    - ``references`` 1: a 2:1 reference at the first size (another ~1 MP token count);
+    - no edits, a single size: the first size at half height.
     """
     first_width, first_height = sizes[0]
     calls = [WarmUpCall(width, height, 0 if draws else 1) for width, height in sizes]
-    if edits and references > 1:
+    if references > 1:
         calls.append(WarmUpCall(first_width, first_height, 2))
-    elif edits:
+    elif references == 1:
         calls.append(WarmUpCall(first_width, first_height, 1, reference_aspect=2.0))
     elif len({width * height for width, height in sizes}) == 1:
         calls.append(WarmUpCall(first_width, max(16, first_height // 32 * 16)))
@@ -252,14 +250,11 @@ def warm_up(pipeline: Any, calls: tuple[WarmUpCall, ...]) -> None:
 
     for call in calls:
         started = time.perf_counter()
-        side = 512  # the pipelines resize references to ~1 MP by aspect ratio: their pixel size does not matter
-        reference = Image.new("RGB", (round(side * call.reference_aspect), side), (128, 128, 128))
-        if call.references == 1:
-            extra: dict[str, Any] = {"image": reference}
-        elif call.references:
-            extra = {"image": [reference] * call.references}
-        else:
-            extra = {}
+        extra: dict[str, Any] = {}
+        if call.references:
+            side = 512  # the pipelines resize references to ~1 MP by aspect ratio: their pixel size does not matter
+            reference = Image.new("RGB", (round(side * call.reference_aspect), side), (128, 128, 128))
+            extra["image"] = reference if call.references == 1 else [reference] * call.references
         with torch.inference_mode():
             pipeline(
                 prompt="warm-up",

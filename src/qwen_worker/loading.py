@@ -306,9 +306,8 @@ def _warm_up(step: _PrepareStep, loaded: LoadedPipeline) -> None:
     trees = [loaded.pipeline.transformer, *loaded.extra_trees()]
     profile = loaded.profile
     calls = warm_up_calls(
-        acceleration.warmup_sizes, draws=Task.TEXT_TO_IMAGE in profile.tasks,
-        references=profile.max_reference_images, edits=profile.max_reference_images > 0,
-    )  # fmt: skip
+        acceleration.warmup_sizes, draws=Task.TEXT_TO_IMAGE in profile.tasks, references=profile.max_reference_images
+    )
     # Per tree, a graph per warm-up call at most, and one spare for a shape dynamo still tells apart.
     allow_graphs(len(trees) * (len(calls) + 1))
     for tree in trees:
