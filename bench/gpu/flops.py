@@ -31,13 +31,17 @@ def transformer_forward_flops(
     embeddings = 2.0 * image_tokens * c_in * d + 2.0 * text_tokens * joint * d + 2.0 * image_tokens * d * c_out
     norm_out = 2.0 * d * 2 * d
     lora = 2.0 * s * lora_rank * (10 * d + 2 * ff) * layers if lora_rank else 0.0
-    total = blocks + attention + modulation + timestep + embeddings + norm_out + lora
+    return _breakdown(blocks, attention, modulation, embeddings + timestep + norm_out, lora)
+
+
+def _breakdown(blocks: float, attention: float, modulation: float, embeddings: float, lora: float) -> dict[str, float]:
+    """One forward's FLOPs by part (both models' formulas report these keys), and their total."""
     return {
-        "total": total,
+        "total": blocks + attention + modulation + embeddings + lora,
         "blocks_linear": blocks,
         "attention": attention,
         "modulation": modulation,
-        "embeddings": embeddings + timestep + norm_out,
+        "embeddings": embeddings,  # patch/text/output projections, the timestep MLP and the output norm
         "lora": lora,
     }
 
@@ -98,15 +102,7 @@ def qwen21_forward_flops(
     norm_out = 2.0 * rows * d * d
     # rank-r A/B pairs on q, k, v, out (D+D each) and proj, gate, out (D+F each), for the tokens in the blocks
     lora = 2.0 * through_blocks * lora_rank * (8 * d + 3 * (d + ff)) * layers if lora_rank else 0.0
-    total = blocks + attention + modulation + timestep + embeddings + norm_out + lora
-    return {
-        "total": total,
-        "blocks_linear": blocks,
-        "attention": attention,
-        "modulation": modulation,
-        "embeddings": embeddings + timestep + norm_out,
-        "lora": lora,
-    }
+    return _breakdown(blocks, attention, modulation, embeddings + timestep + norm_out, lora)
 
 
 def qwen21_active_params_per_token(config: dict[str, Any]) -> float:
